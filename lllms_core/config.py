@@ -1,0 +1,208 @@
+"""Configuration: the server and its models, as msgspec Structs.
+
+Configuration Structs forbid unknown fields, so a typo is an error naming the
+field. A model table may also carry its engine's own options (flat, beside the
+core fields); they are validated by the engine's ``options`` Struct.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from lllms_core.errors import ConfigError
+
+MODEL_ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
+TASK_NAMES = ("chat-completion", "text-completion", "embedding", "speech-to-text", "image-to-text")
+
+ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN)]
+Seconds = Annotated[float, Meta(ge=0)]
+
+
+class ConfigStruct(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+class DeviceConfig(ConfigStruct):
+    gpu: bool | Literal["auto"] | str = "auto"
+    """``true``: the model must run on the GPU; ``false``: CPU only; ``"auto"``:
+    the GPU when it is free. Another string names a backend or device (it counts as ``true``)."""
+    gpu_layers: Annotated[int, Meta(ge=-1)] | None = None
+    cpu_threads: Annotated[int, Meta(ge=1)] | None = None
+    mem_lock: bool = False
+
+    @property
+    def requires_gpu(self) -> bool:
+        return self.gpu is True or (isinstance(self.gpu, str) and self.gpu != "auto")
+
+    @property
+    def allows_gpu(self) -> bool:
+        return self.gpu is not False
+
+
+class ChatMessageConfig(ConfigStruct):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ModelConfig(ConfigStruct):
+    id: ModelId = ""
+    """Filled from the key of the model's table."""
+    engine: str
+    task: str | None = None
+    """One of the engine's tasks; the engine's default when omitted."""
+    url: str | None = None
+    file: str | None = None
+    location: str | None = None
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    md5: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{32}$")] | None = None
+    min_instances: Annotated[int, Meta(ge=0)] = 0
+    max_instances: Annotated[int, Meta(ge=1)] = 1
+    ttl: Seconds = 300
+    """Seconds an idle instance lives; 0 disposes it on release."""
+    context_size: Annotated[int, Meta(ge=16)] | None = None
+    initial_messages: list[ChatMessageConfig] = []
+    prefix: str | None = None
+    completion_defaults: dict[str, Any] = {}
+    device: DeviceConfig = DeviceConfig()
+    prepare: Literal["blocking", "async", "on-demand"] = "on-demand"
+    options: Any = None
+    """The engine's own options Struct, built from the remaining keys of the table."""
+
+
+class ServerConfig(ConfigStruct):
+    concurrency: Annotated[int, Meta(ge=1)] = 1
+    """How many requests are processed at once, over all models."""
+    max_queue: Annotated[int, Meta(ge=0)] = 100
+    """How many requests may wait for an instance; more get a queue-full error."""
+    cache_dir: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    request_timeout: Seconds | None = None
+    """Seconds a request may take, waiting included; none by default."""
+
+
+class HttpConfig(ConfigStruct):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 3000
+    api_keys: list[str] = []
+    cors_origins: list[str] = []
+    max_body_size: Annotated[int, Meta(ge=1024)] = 50 * 1024 * 1024
+    shutdown_grace: Seconds = 10
+    keepalive_interval: Annotated[float, Meta(gt=0)] = 15
+
+
+class Config(ConfigStruct):
+    server: ServerConfig = ServerConfig()
+    http: HttpConfig = HttpConfig()
+    models: dict[str, ModelConfig] = {}
+
+    def model(self, model_id: str) -> ModelConfig:
+        return self.models[model_id]
+
+
+def default_cache_dir() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lllms"))
+
+
+def cache_dir(config: Config) -> Path:
+    return Path(config.server.cache_dir).expanduser() if config.server.cache_dir else default_cache_dir()
+
+
+def _explain(error: msgspec.ValidationError, where: str) -> str:
+    # msgspec names the path as "at `$.models[...]`"; say it in config terms
+    text = str(error)
+    return f"{where}: {text}"
+
+
+def load_config(source: "Config | dict | str | os.PathLike | None", plugins=None) -> Config:
+    """Build a Config from a Config, a dict or a TOML file path.
+
+    ``plugins`` is the plugin manager (see :func:`lllms_core.plugins.get_plugin_manager`)
+    whose engines validate each model's engine options; the default one is used when omitted.
+    """
+    if isinstance(source, Config):
+        return source
+    if source is None:
+        raw: dict = {}
+    elif isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("the configuration must be a table (dict)")
+    if plugins is None:
+        from lllms_core.plugins import get_plugin_manager
+
+        plugins = get_plugin_manager()
+    raw = dict(raw)
+    models_raw = raw.pop("models", {}) or {}
+    if not isinstance(models_raw, dict):
+        raise ConfigError("`models` must be a table of model ids to model tables")
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as error:
+        raise ConfigError(_explain(error, "invalid server configuration")) from None
+    models = {model_id: _load_model(model_id, spec, plugins) for model_id, spec in models_raw.items()}
+    config.models = models
+    return config
+
+
+_MODEL_FIELDS = frozenset(ModelConfig.__struct_fields__) - {"options", "id"}
+
+
+def _load_model(model_id: str, spec: Any, plugins) -> ModelConfig:
+    where = f"model {model_id!r}"
+    if not re.match(MODEL_ID_PATTERN, model_id):
+        raise ConfigError(f"{where}: a model id may contain only letters, digits and `_ . : -`")
+    if isinstance(spec, ModelConfig):
+        spec = msgspec.to_builtins(spec)
+        spec.pop("id", None)
+        options = spec.pop("options", None) or {}
+        spec.update(options)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a table of model settings")
+    core = {key: value for key, value in spec.items() if key in _MODEL_FIELDS}
+    engine_fields = {key: value for key, value in spec.items() if key not in _MODEL_FIELDS}
+    engine_name = core.get("engine")
+    if engine_name is None:
+        raise ConfigError(f"{where}: `engine` is required")
+    engine = plugins.engines.get(engine_name)
+    if engine is None:
+        known = ", ".join(sorted(plugins.engines)) or "none installed"
+        raise ConfigError(f"{where}: unknown engine {engine_name!r} (installed engines: {known})")
+    try:
+        model = msgspec.convert(core, ModelConfig)
+    except msgspec.ValidationError as error:
+        raise ConfigError(_explain(error, where)) from None
+    try:
+        model.options = msgspec.convert(engine_fields, engine.options)
+    except msgspec.ValidationError as error:
+        raise ConfigError(_explain(error, f"{where} (options of engine {engine_name!r})")) from None
+    model.id = model_id
+    model.task = model.task or engine.default_task
+    if model.task not in engine.tasks:
+        raise ConfigError(
+            f"{where}: engine {engine_name!r} does not do task {model.task!r} (it does: {', '.join(sorted(engine.tasks))})"
+        )
+    if not (model.url or model.file or model.location) and engine.needs_model_file:
+        raise ConfigError(f"{where}: one of `url`, `file` or `location` is required")
+    if model.min_instances > model.max_instances:
+        raise ConfigError(f"{where}: min_instances ({model.min_instances}) exceeds max_instances ({model.max_instances})")
+    for name, value in model.completion_defaults.items():
+        if name not in plugins.completion_parameters:
+            raise ConfigError(f"{where}: completion_defaults has unknown parameter {name!r}")
+    return model

@@ -1,0 +1,231 @@
+"""The engine protocol: what an engine plugin implements.
+
+An engine prepares a model (download, verify, convert), creates and disposes
+instances, and runs tasks. Every blocking call of an engine runs in a thread
+bounded by its instance's ``limiter``. An instance offers ``slots`` sequences
+that can be processed at once; each slot keeps its own context state.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import msgspec
+import trio
+
+from lllms_core.errors import UnsupportedParameterError
+
+if TYPE_CHECKING:
+    from lllms_core.config import ModelConfig
+    from lllms_core.schemas import (
+        ChatCompletionRequest,
+        CompletionChunk,
+        CompletionResult,
+        EmbeddingRequest,
+        EmbeddingResult,
+        ImageToTextRequest,
+        ImageToTextResult,
+        TextCompletionRequest,
+        TranscriptionRequest,
+        TranscriptionResult,
+    )
+    from lllms_core.store import ModelStore
+
+
+class NoOptions(msgspec.Struct, forbid_unknown_fields=True):
+    """Options of an engine that has none of its own."""
+
+
+class Device(msgspec.Struct, kw_only=True):
+    """Where the pool decided an instance runs."""
+
+    gpu: bool
+    """Whether this instance holds the GPU."""
+    name: str | None = None
+    """A backend or device name from the model's ``device.gpu`` string, if any."""
+    gpu_layers: int | None = None
+    cpu_threads: int | None = None
+    mem_lock: bool = False
+
+
+class EngineInstance:
+    """A loaded model. Engines subclass it or use it as it is.
+
+    ``slots``: how many sequences this instance processes at once (each a slot
+    of the pool with its own context state). ``limiter`` bounds the threads that
+    run its blocking calls. ``info()`` adds engine facts to the status report.
+    """
+
+    def __init__(self, *, slots: int = 1, limiter: trio.CapacityLimiter | None = None, **attributes: Any):
+        self.slots = slots
+        self.limiter = limiter or trio.CapacityLimiter(1)
+        self.slot_states: list[Any] = [None] * slots
+        """Per-slot context state, owned by the engine (tokens, a chat session...)."""
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+
+class TaskContext(msgspec.Struct, kw_only=True):
+    """What an engine gets with each task besides the request."""
+
+    instance: EngineInstance
+    slot: int
+    """Index of the slot (sequence) the pool assigned to this request."""
+    model: Any
+    """The model's ModelConfig."""
+    fresh: bool = False
+    """True when the pool reset this slot: its previous context belongs to another conversation."""
+
+
+class ChunkSink:
+    """Where an engine sends the chunks of a completion, from trio or from a thread.
+
+    From a worker thread, :meth:`send_from_thread` also checks for cancellation,
+    so a cancelled request stops generation within a token.
+    """
+
+    def __init__(self, on_chunk: Callable[["CompletionChunk"], None]):
+        self._on_chunk = on_chunk
+        self.token = trio.lowlevel.current_trio_token()
+
+    async def send(self, chunk: "CompletionChunk") -> None:
+        self._on_chunk(chunk)
+        await trio.lowlevel.checkpoint()
+
+    def send_nowait(self, chunk: "CompletionChunk") -> None:
+        """Send from trio without yielding."""
+        self._on_chunk(chunk)
+
+    def send_from_thread(self, chunk: "CompletionChunk") -> None:
+        """Send from a worker thread. In a thread started by ``trio.to_thread.run_sync`` this
+        raises ``trio.Cancelled`` once the request is cancelled, so generation stops there."""
+        try:
+            trio.from_thread.check_cancelled()
+        except RuntimeError:
+            pass  # a thread of the engine's own (a scheduler): the engine watches cancellation itself
+        trio.from_thread.run_sync(self._on_chunk, chunk, trio_token=self.token)
+
+
+class Engine:
+    """Base class of engines. Subclass it and register the class with ``register_engines``.
+
+    Class attributes describe the engine without importing its heavy library:
+
+    - ``name``: the value of ``engine`` in a model's configuration.
+    - ``tasks``: the task names it implements; ``default_task`` when a model names none.
+    - ``options``: a Struct of the engine's own model options (flat in the model table).
+    - ``capabilities``: samplers and task features it implements natively (names from the
+      sampler and task registries), e.g. ``{"temperature", "seed", "tools", "logprobs"}``.
+    - ``logits_processors``: whether it applies plugin samplers' logits processors.
+    - ``needs_model_file``: whether a model needs ``url``/``file``/``location``.
+    - ``uses_gpu``: whether it can run on a GPU at all.
+    """
+
+    name: ClassVar[str]
+    tasks: ClassVar[frozenset[str]]
+    default_task: ClassVar[str]
+    options: ClassVar[type[msgspec.Struct]] = NoOptions
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    logits_processors: ClassVar[bool] = False
+    needs_model_file: ClassVar[bool] = True
+    uses_gpu: ClassVar[bool] = True
+
+    def __init__(self, store: "ModelStore | None" = None):
+        self.store = store
+
+    async def prepare_model(self, model: "ModelConfig", location: Path | None) -> Any:
+        """Make a downloaded, verified model ready to load (convert, check); return what
+        ``create_instance`` needs (by default the file's location). Runs once per model
+        and process; may use ``self.store`` to fetch companion files."""
+        return location
+
+    async def create_instance(self, model: "ModelConfig", prepared: Any, device: Device) -> EngineInstance:
+        """Load the model; return an :class:`EngineInstance`."""
+        raise NotImplementedError
+
+    async def dispose_instance(self, instance: EngineInstance) -> None:
+        """Free what ``create_instance`` loaded. Called once per instance, also on cancellation."""
+
+    async def preload(self, context: TaskContext) -> None:
+        """Evaluate the model's ``initial_messages`` / ``prefix`` into a slot, so that requests
+        starting with them reuse that state. Optional."""
+
+    async def chat_completion(
+        self, context: TaskContext, request: "ChatCompletionRequest", sink: ChunkSink
+    ) -> "CompletionResult":
+        raise NotImplementedError
+
+    async def text_completion(
+        self, context: TaskContext, request: "TextCompletionRequest", sink: ChunkSink
+    ) -> "CompletionResult":
+        raise NotImplementedError
+
+    async def embedding(self, context: TaskContext, request: "EmbeddingRequest") -> "EmbeddingResult":
+        raise NotImplementedError
+
+    async def speech_to_text(self, context: TaskContext, request: "TranscriptionRequest") -> "TranscriptionResult":
+        raise NotImplementedError
+
+    async def image_to_text(self, context: TaskContext, request: "ImageToTextRequest") -> "ImageToTextResult":
+        raise NotImplementedError
+
+    def unsupported(self, param: str, what: str | None = None) -> UnsupportedParameterError:
+        """The error for a parameter this engine cannot honour."""
+        return UnsupportedParameterError(
+            f"engine {self.name!r} does not support {what or repr(param)}", param=param
+        )
+
+
+class StopStringFilter:
+    """Holds back text that may be the start of a stop string, so stop strings are
+    never emitted, also when they span several tokens.
+
+    ``push(text)`` returns ``(text_to_emit, stopped)``; after a stop, generation ends.
+    ``flush()`` returns what was held back when generation ends without a stop.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [stop for stop in stops if stop]
+        self.hold = max((len(stop) for stop in self.stops), default=1) - 1
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        earliest = math.inf
+        for stop in self.stops:
+            position = self.pending.find(stop)
+            if position != -1:
+                earliest = min(earliest, position)
+        if earliest != math.inf:
+            emitted = self.pending[: int(earliest)]
+            self.pending = ""
+            return emitted, True
+        # keep the longest tail that is a prefix of some stop string
+        keep = 0
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:length]):
+                    keep = max(keep, length)
+                    break
+        emitted = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return emitted, False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+def normalize_embedding(vector: list[float], dimensions: int | None = None) -> list[float]:
+    """Cut an embedding to ``dimensions`` (Matryoshka style) and scale it to unit length."""
+    if dimensions is not None:
+        vector = vector[:dimensions]
+    norm = math.sqrt(sum(value * value for value in vector))
+    return [value / norm for value in vector] if norm > 0 else list(vector)

@@ -1,0 +1,397 @@
+"""Request Structs (OpenAI's shapes) and the results engines return.
+
+Requests accept unknown fields, so that a newer OpenAI client never breaks a
+request; ``UNSET`` tells a missing field from an explicit ``null``. The same
+request Structs are used by the HTTP API and the Python facade, and engines
+receive them as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType, field
+
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+
+class Request(Struct, kw_only=True, omit_defaults=True):
+    """Base of request Structs: unknown fields are accepted and ignored."""
+
+
+# --- chat messages -------------------------------------------------------------
+
+
+class TextPart(Struct, tag_field="type", tag="text", kw_only=True):
+    text: str
+
+
+class ImageUrl(Struct, kw_only=True):
+    url: str
+    detail: str | UnsetType = UNSET
+
+
+class ImageUrlPart(Struct, tag_field="type", tag="image_url", kw_only=True):
+    image_url: ImageUrl
+
+
+class InputAudio(Struct, kw_only=True):
+    data: str
+    format: str
+
+
+class InputAudioPart(Struct, tag_field="type", tag="input_audio", kw_only=True):
+    input_audio: InputAudio
+
+
+class RefusalPart(Struct, tag_field="type", tag="refusal", kw_only=True):
+    refusal: str
+
+
+ContentPart = Union[TextPart, ImageUrlPart, InputAudioPart, RefusalPart]
+
+
+class FunctionCall(Struct, kw_only=True):
+    name: str
+    arguments: str
+
+
+class ToolCall(Struct, kw_only=True, omit_defaults=False):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class SystemMessage(Struct, tag_field="role", tag="system", kw_only=True):
+    content: str | list[TextPart]
+    name: str | UnsetType = UNSET
+
+
+class DeveloperMessage(Struct, tag_field="role", tag="developer", kw_only=True):
+    content: str | list[TextPart]
+    name: str | UnsetType = UNSET
+
+
+class UserMessage(Struct, tag_field="role", tag="user", kw_only=True):
+    content: str | list[ContentPart]
+    name: str | UnsetType = UNSET
+
+
+class AssistantMessage(Struct, tag_field="role", tag="assistant", kw_only=True):
+    content: str | list[Union[TextPart, RefusalPart]] | None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
+    name: str | UnsetType = UNSET
+    refusal: str | None | UnsetType = UNSET
+
+
+class ToolMessage(Struct, tag_field="role", tag="tool", kw_only=True):
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+ChatMessage = Union[SystemMessage, DeveloperMessage, UserMessage, AssistantMessage, ToolMessage]
+
+
+def message_text(message: ChatMessage) -> str:
+    """The text of a message's content (parts joined; non-text parts left out)."""
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text if isinstance(part, TextPart) else getattr(part, "refusal", "") for part in content)
+
+
+# --- tools and structured output ----------------------------------------------
+
+
+class FunctionDefinition(Struct, kw_only=True):
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+    description: str | UnsetType = UNSET
+    parameters: dict[str, Any] | UnsetType = UNSET
+    strict: bool | None | UnsetType = UNSET
+
+
+class Tool(Struct, kw_only=True):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class JsonSchemaFormat(Struct, kw_only=True):
+    name: str
+    schema: dict[str, Any] | UnsetType = UNSET
+    description: str | UnsetType = UNSET
+    strict: bool | None | UnsetType = UNSET
+
+
+class ResponseFormatText(Struct, tag_field="type", tag="text", kw_only=True):
+    pass
+
+
+class ResponseFormatJsonObject(Struct, tag_field="type", tag="json_object", kw_only=True):
+    pass
+
+
+class ResponseFormatJsonSchema(Struct, tag_field="type", tag="json_schema", kw_only=True):
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Union[ResponseFormatText, ResponseFormatJsonObject, ResponseFormatJsonSchema]
+
+
+class StreamOptions(Struct, kw_only=True):
+    include_usage: bool | None = None
+
+
+# --- completion requests -------------------------------------------------------
+
+
+class CompletionParameters(Request, kw_only=True, omit_defaults=True):
+    """Sampling and output parameters shared by chat and text completions."""
+
+    model: str
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: Annotated[int, Meta(ge=0)] | None = None
+    min_p: Probability | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repeat_penalty: Annotated[float, Meta(ge=0)] | None = None
+    repeat_penalty_num: Annotated[int, Meta(ge=-1)] | None = None
+    repeat_last_n: Annotated[int, Meta(ge=-1)] | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    seed: int | None = None
+    stop: str | Annotated[list[str], Meta(max_length=16)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    grammar: str | None = None
+    user: str | None = None
+    plugin_parameters: dict[str, Any] = {}
+    """Values for plugin samplers' parameters, filled by the API from the request body."""
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+    @property
+    def repeat_window(self) -> int | None:
+        return self.repeat_last_n if self.repeat_last_n is not None else self.repeat_penalty_num
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+
+class ChatCompletionRequest(CompletionParameters, kw_only=True, omit_defaults=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class TextCompletionRequest(CompletionParameters, kw_only=True, omit_defaults=True):
+    prompt: Prompt
+    suffix: str | None = None
+    echo: bool | None = None
+    best_of: Annotated[int, Meta(ge=1, le=20)] | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list: one completion (or ``n``) per entry."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and all(isinstance(item, int) for item in prompt):
+            return [prompt]
+        return list(prompt)
+
+
+class EmbeddingRequest(Request, kw_only=True, omit_defaults=True):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None
+    pooling: Literal["mean", "cls", "last"] | None = None
+    user: str | None = None
+
+    @property
+    def inputs(self) -> list[str | list[int]]:
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and all(isinstance(item, int) for item in value):
+            return [value]
+        return list(value)
+
+
+class TranscriptionRequest(Request, kw_only=True, omit_defaults=True):
+    model: str
+    audio: bytes = b""
+    filename: str = "audio"
+    language: str | None = None
+    prompt: str | None = None
+    response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
+    temperature: Temperature | None = None
+
+
+class ImageToTextRequest(Request, kw_only=True, omit_defaults=True):
+    model: str
+    image: bytes
+    prompt: str | None = None
+    max_tokens: PositiveInt | None = None
+
+
+# --- what engines produce ------------------------------------------------------
+
+
+class TopLogprob(Struct, kw_only=True, omit_defaults=False):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(Struct, kw_only=True, omit_defaults=False):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob] = []
+
+
+class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
+    """A piece of a tool call: the first piece of a call carries id and name."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+class CompletionChunk(Struct, kw_only=True, omit_defaults=True):
+    """What an engine emits while generating: text, tool-call pieces or both."""
+
+    index: int = 0
+    text: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+class Usage(Struct, kw_only=True, omit_defaults=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            cached_tokens=self.cached_tokens + other.cached_tokens,
+        )
+
+
+class CompletionResult(Struct, kw_only=True):
+    """What an engine returns once generation ends (the text went out as chunks)."""
+
+    finish_reasons: list[FinishReason]
+    """One per choice, by choice index."""
+    usage: Usage
+
+
+class Choice(Struct, kw_only=True):
+    """One accumulated choice of a completion (built by the core from chunks)."""
+
+    index: int
+    text: str = ""
+    tool_calls: list[ToolCall] = []
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason = "stop"
+
+
+class Completion(Struct, kw_only=True):
+    """A whole completion: what the non-streaming facade methods return."""
+
+    id: str
+    model: str
+    created: int
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class EmbeddingResult(Struct, kw_only=True):
+    embeddings: list[list[float]]
+    prompt_tokens: int
+
+
+class TranscriptionSegment(Struct, kw_only=True):
+    id: int
+    start: float
+    end: float
+    text: str
+
+
+class TranscriptionResult(Struct, kw_only=True):
+    text: str
+    language: str | None = None
+    duration: float | None = None
+    segments: list[TranscriptionSegment] = []
+
+
+class ImageToTextResult(Struct, kw_only=True):
+    text: str
+
+
+json_decoder_cache: dict[type, msgspec.json.Decoder] = {}
+
+
+def decoder_for(kind: type) -> msgspec.json.Decoder:
+    """A JSON decoder for a request Struct, built once per type."""
+    decoder = json_decoder_cache.get(kind)
+    if decoder is None:
+        decoder = json_decoder_cache[kind] = msgspec.json.Decoder(kind)
+    return decoder
+
+
+__all__ = [name for name in dir() if not name.startswith("_")] + ["UNSET", "field"]

@@ -1,0 +1,85 @@
+"""The task registry's built-in tasks: request Struct, engine method, optional features."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import msgspec
+
+from lllms_core.hookspecs import hookimpl
+from lllms_core.schemas import (
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    ImageToTextRequest,
+    TextCompletionRequest,
+    TranscriptionRequest,
+)
+
+
+class Feature(msgspec.Struct, frozen=True):
+    """An optional part of a task an engine may or may not implement.
+
+    ``requested(request)`` tells whether a request asks for it; ``param`` is the field
+    named in the error when the engine cannot do it.
+    """
+
+    name: str
+    param: str
+    requested: Callable[[Any], bool]
+
+
+class Task(msgspec.Struct, frozen=True):
+    name: str
+    request: type
+    method: str
+    """Name of the Engine method that runs it."""
+    features: tuple[Feature, ...] = ()
+    streams: bool = False
+
+
+def _response_format(kind: str) -> Callable[[Any], bool]:
+    return lambda request: request.response_format is not None and request.response_format.type == kind
+
+
+COMPLETION_FEATURES = (
+    Feature("n", "n", lambda r: r.choices > 1),
+)
+CHAT_FEATURES = COMPLETION_FEATURES + (
+    Feature("logprobs", "logprobs", lambda r: bool(r.logprobs) or bool(r.top_logprobs)),
+    Feature("json_object", "response_format", _response_format("json_object")),
+    Feature("json_schema", "response_format", _response_format("json_schema")),
+    Feature("tools", "tools", lambda r: bool(r.tools) and r.tool_choice != "none"),
+)
+TEXT_FEATURES = COMPLETION_FEATURES + (
+    Feature("logprobs", "logprobs", lambda r: r.logprobs is not None),
+    Feature("echo", "echo", lambda r: bool(r.echo)),
+    Feature("suffix", "suffix", lambda r: bool(r.suffix)),
+    Feature("best_of", "best_of", lambda r: (r.best_of or 1) > r.choices),
+    Feature("token_prompt", "prompt", lambda r: any(not isinstance(p, str) for p in r.prompts)),
+)
+EMBEDDING_FEATURES = (
+    Feature("token_input", "input", lambda r: any(not isinstance(i, str) for i in r.inputs)),
+    Feature("pooling", "pooling", lambda r: r.pooling is not None),
+)
+
+BUILTIN_TASKS = (
+    Task("chat-completion", ChatCompletionRequest, "chat_completion", CHAT_FEATURES, streams=True),
+    Task("text-completion", TextCompletionRequest, "text_completion", TEXT_FEATURES, streams=True),
+    Task("embedding", EmbeddingRequest, "embedding", EMBEDDING_FEATURES),
+    Task("speech-to-text", TranscriptionRequest, "speech_to_text"),
+    Task("image-to-text", ImageToTextRequest, "image_to_text"),
+)
+
+# A chat model also answers text completions (raw prompts, no template).
+SERVED_TASKS = {"chat-completion": ("chat-completion", "text-completion")}
+
+
+def tasks_served(model_task: str) -> tuple[str, ...]:
+    """The task names a model configured for ``model_task`` answers."""
+    return SERVED_TASKS.get(model_task, (model_task,))
+
+
+@hookimpl
+def register_tasks(register):
+    for task in BUILTIN_TASKS:
+        register(task)
