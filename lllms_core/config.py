@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Meta, Struct, field
 
 from lllms_core.errors import ConfigError
 
@@ -29,7 +29,7 @@ class ConfigStruct(Struct, forbid_unknown_fields=True, kw_only=True, omit_defaul
     pass
 
 
-class DeviceConfig(ConfigStruct):
+class DeviceConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     gpu: bool | Literal["auto"] | str = "auto"
     """``true``: the model must run on the GPU; ``false``: CPU only; ``"auto"``:
     the GPU when it is free. Another string names a backend or device (it counts as ``true``)."""
@@ -46,12 +46,12 @@ class DeviceConfig(ConfigStruct):
         return self.gpu is not False
 
 
-class ChatMessageConfig(ConfigStruct):
+class ChatMessageConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class ModelConfig(ConfigStruct):
+class ModelConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     id: ModelId = ""
     """Filled from the key of the model's table."""
     engine: str
@@ -70,13 +70,13 @@ class ModelConfig(ConfigStruct):
     initial_messages: list[ChatMessageConfig] = []
     prefix: str | None = None
     completion_defaults: dict[str, Any] = {}
-    device: DeviceConfig = DeviceConfig()
+    device: DeviceConfig = field(default_factory=DeviceConfig)
     prepare: Literal["blocking", "async", "on-demand"] = "on-demand"
     options: Any = None
     """The engine's own options Struct, built from the remaining keys of the table."""
 
 
-class ServerConfig(ConfigStruct):
+class ServerConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     concurrency: Annotated[int, Meta(ge=1)] = 1
     """How many requests are processed at once, over all models."""
     max_queue: Annotated[int, Meta(ge=0)] = 100
@@ -87,7 +87,7 @@ class ServerConfig(ConfigStruct):
     """Seconds a request may take, waiting included; none by default."""
 
 
-class HttpConfig(ConfigStruct):
+class HttpConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 3000
     api_keys: list[str] = []
@@ -97,9 +97,9 @@ class HttpConfig(ConfigStruct):
     keepalive_interval: Annotated[float, Meta(gt=0)] = 15
 
 
-class Config(ConfigStruct):
-    server: ServerConfig = ServerConfig()
-    http: HttpConfig = HttpConfig()
+class Config(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    server: ServerConfig = field(default_factory=ServerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     models: dict[str, ModelConfig] = {}
 
     def model(self, model_id: str) -> ModelConfig:

@@ -1,0 +1,508 @@
+"""The model pool: loaded instances, their sequence slots, and the queue of
+requests waiting for one.
+
+The pool is an async context manager owning a nursery; each instance lives in
+a task of it, started with ``nursery.start`` so a load can be awaited, and is
+disposed in a shielded ``finally`` so disposal is certain. A request gets a
+slot only through ``async with pool.acquire(model_id, key) as slot``.
+
+A slot is one sequence of an instance with its own context state. Slots are
+handed out in this order (one dispatch function applies it whenever anything
+changes): an idle slot whose context is the longest prefix of the request's →
+an idle slot without context → a new instance (below ``max_instances``) → the
+least recently used idle slot, reset → wait, first come first served. A global
+``concurrency`` limit gates how many slots are busy at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import trio
+
+from lllms_core.config import Config, ModelConfig
+from lllms_core.context import ContextKey, common_prefix
+from lllms_core.engine import Device, Engine, EngineInstance, TaskContext
+from lllms_core.errors import LllmsError, ModelLoadError, ModelNotFoundError, QueueFullError, ServiceUnavailableError
+
+log = logging.getLogger("lllms.pool")
+
+RETRY_MIN_INSTANCES_AFTER = (1.0, 60.0)
+"""Back-off (first, longest) before refilling ``min_instances`` after a failed load."""
+
+
+class Slot:
+    """One sequence of an instance: the unit a request acquires."""
+
+    def __init__(self, instance: "Instance", index: int):
+        self.instance = instance
+        self.index = index
+        self.busy = False
+        self.context_key: ContextKey = ()
+        self.fresh = True
+        """True until a task ran in this slot since it was created or reset."""
+        self.last_used = 0.0
+
+    def reset(self) -> None:
+        self.context_key = ()
+        self.fresh = True
+
+    def task_context(self) -> TaskContext:
+        return TaskContext(
+            instance=self.instance.engine_instance, slot=self.index, model=self.instance.model, fresh=self.fresh
+        )
+
+
+class Instance:
+    """A loaded (or loading) model with its slots; its life is one task of the pool."""
+
+    def __init__(self, model: ModelConfig, engine: Engine, device: Device):
+        self.id = f"{model.id}:{secrets.token_hex(4)}"
+        self.model = model
+        self.engine = engine
+        self.device = device
+        self.state = "loading"
+        self.engine_instance: EngineInstance | None = None
+        self.slots: list[Slot] = []
+        self.created = time.time()
+        self.last_used = trio.current_time()
+        self.last_used_wall: float | None = None
+        self.dispose_requested = False
+        self.wake = trio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready" and not self.dispose_requested
+
+    @property
+    def idle(self) -> bool:
+        return not any(slot.busy for slot in self.slots)
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def status(self) -> dict[str, Any]:
+        state = self.state
+        if state == "ready":
+            state = "busy" if not self.idle else "idle"
+        return {
+            "id": self.id,
+            "model": self.model.id,
+            "engine": self.engine.name,
+            "state": state,
+            "device": "gpu" if self.device.gpu else "cpu",
+            "created": _iso(self.created),
+            "last_used": _iso(self.last_used_wall),
+            "slots": [
+                {
+                    "index": slot.index,
+                    "busy": slot.busy,
+                    "context": slot.context_key[-1] if slot.context_key else None,
+                    "context_depth": len(slot.context_key),
+                }
+                for slot in self.slots
+            ],
+            "info": self.engine_instance.info() if self.engine_instance is not None else {},
+        }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+class _Waiter:
+    __slots__ = ("model", "key", "event", "slot", "error", "finished")
+
+    def __init__(self, model: ModelConfig, key: ContextKey):
+        self.model = model
+        self.key = key
+        self.event = trio.Event()
+        self.slot: Slot | None = None
+        self.error: LllmsError | None = None
+        self.finished = False
+        """Set once the slot went back to the pool, or the waiter left the queue."""
+
+
+class Lease:
+    """A place in the pool's queue; ``async with`` waits for a slot and releases it after.
+
+    Creating it enqueues at once, so an unknown model or a full queue is raised
+    before any waiting. A lease that is never entered must be ``withdraw``n.
+    """
+
+    def __init__(self, pool: "ModelPool", model_id: str, key: ContextKey):
+        self._pool = pool
+        self._waiter = pool._enqueue(model_id, key)
+
+    async def __aenter__(self) -> Slot:
+        return await self._pool._wait(self._waiter)
+
+    async def __aexit__(self, *exc_info) -> None:
+        self._pool._finish(self._waiter)
+
+    def withdraw(self) -> None:
+        """Give the place or slot back if the lease was never used (idempotent)."""
+        self._pool._finish(self._waiter)
+
+
+class ModelPool:
+    def __init__(self, config: Config, engines: dict[str, Engine], store, nursery: trio.Nursery):
+        self.config = config
+        self.engines = engines
+        self.store = store
+        self._nursery = nursery
+        self.instances: dict[str, Instance] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._processing = 0
+        self._gpu_holder: Instance | None = None
+        self._startup: list[trio.Event] = []
+        self._retry_delay: dict[str, float] = {}
+        self.closed = False
+
+    # --- public ---------------------------------------------------------------
+
+    def acquire(self, model_id: str, key: ContextKey = ()) -> Lease:
+        """Enqueue a request for a slot of ``model_id``; use as ``async with``."""
+        return Lease(self, model_id, key)
+
+    @property
+    def processing(self) -> int:
+        return self._processing
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the instances and preparations that must exist at start are done."""
+        return all(event.is_set() for event in self._startup)
+
+    async def wait_ready(self) -> None:
+        for event in self._startup:
+            await event.wait()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "processing": self._processing,
+            "queued": len(self._waiters),
+            "concurrency": self.config.server.concurrency,
+            "instances": [instance.status() for instance in self.instances.values()],
+        }
+
+    # --- start and stop -------------------------------------------------------
+
+    def _start(self) -> None:
+        # a model that must have the GPU starts first, so that it gets it
+        models = sorted(self.config.models.values(), key=lambda m: not m.device.requires_gpu)
+        for model in models:
+            if model.min_instances > 0:
+                for _ in range(model.min_instances):
+                    self._startup.append(self._spawn(model))
+            elif model.prepare in ("blocking", "async"):
+                done = trio.Event()
+                if model.prepare == "blocking":
+                    self._startup.append(done)
+                self._nursery.start_soon(self._prepare_in_background, model, done)
+
+    async def _prepare_in_background(self, model: ModelConfig, done: trio.Event) -> None:
+        try:
+            await self.store.prepare(model)
+        except LllmsError as error:
+            log.error("preparing model %r failed: %s", model.id, error.message)
+        finally:
+            done.set()
+
+    def _close(self) -> None:
+        self.closed = True
+        error = ServiceUnavailableError("the server is shutting down")
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = error
+            waiter.event.set()
+
+    # --- the queue ------------------------------------------------------------
+
+    def _enqueue(self, model_id: str, key: ContextKey) -> _Waiter:
+        if self.closed:
+            raise ServiceUnavailableError("the server is shutting down")
+        model = self.config.models.get(model_id)
+        if model is None:
+            raise ModelNotFoundError(f"The model {model_id!r} does not exist", param="model")
+        waiter = _Waiter(model, key)
+        self._waiters.append(waiter)
+        self._dispatch()
+        if waiter.slot is None and waiter.error is None:
+            waiting = sum(1 for w in self._waiters if w.slot is None)
+            if waiting > self.config.server.max_queue:
+                self._waiters.remove(waiter)
+                raise QueueFullError(
+                    f"too many requests are waiting ({waiting - 1}); try again later", retry_after=1
+                )
+        return waiter
+
+    async def _wait(self, waiter: _Waiter) -> Slot:
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            self._finish(waiter)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.slot is not None
+        return waiter.slot
+
+    def _finish(self, waiter: _Waiter) -> None:
+        """Leave the queue, or give the slot back: whichever applies, once."""
+        if waiter.finished:
+            return
+        waiter.finished = True
+        if waiter.slot is not None:
+            self._release(waiter.slot)
+        elif waiter in self._waiters:
+            self._waiters.remove(waiter)
+            self._dispatch()
+
+    def _release(self, slot: Slot) -> None:
+        slot.busy = False
+        self._processing -= 1
+        instance = slot.instance
+        slot.last_used = instance.last_used = trio.current_time()
+        instance.last_used_wall = time.time()
+        instance.poke()
+        self._dispatch()
+
+    # --- dispatch -------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        """Hand idle slots to waiting requests, first come first served, and spawn
+        or evict instances as the waiting requests need."""
+        if self.closed:
+            return
+        loading_capacity = {
+            instance.id: 1 for instance in self.instances.values() if instance.state == "loading"
+        }
+        for waiter in list(self._waiters):
+            if self._processing >= self.config.server.concurrency:
+                break
+            model = waiter.model
+            slot = self._matching_slot(model, waiter.key)
+            if slot is None:
+                loading = next(
+                    (i for i in self.instances.values() if i.model is model and loading_capacity.get(i.id)), None
+                )
+                if loading is not None:
+                    loading_capacity[loading.id] -= 1
+                    continue
+                if self._can_spawn(model):
+                    self._spawn(model)  # the waiter takes a slot once it is loaded
+                    continue
+                slot = self._least_recently_used_slot(model)
+                if slot is None:
+                    self._make_room_on_gpu(model)
+                    continue
+                slot.reset()
+            self._assign(waiter, slot)
+
+    def _assign(self, waiter: _Waiter, slot: Slot) -> None:
+        self._waiters.remove(waiter)
+        slot.busy = True
+        self._processing += 1
+        waiter.slot = slot
+        waiter.event.set()
+        slot.instance.poke()
+
+    def _idle_slots(self, model: ModelConfig):
+        for instance in self.instances.values():
+            if instance.model is model and instance.ready:
+                for slot in instance.slots:
+                    if not slot.busy:
+                        yield slot
+
+    def _matching_slot(self, model: ModelConfig, key: ContextKey) -> Slot | None:
+        best, best_length, empty = None, 0, None
+        for slot in self._idle_slots(model):
+            length = common_prefix(slot.context_key, key)
+            if length > best_length:
+                best, best_length = slot, length
+            elif empty is None and not slot.context_key:
+                empty = slot
+        return best or empty
+
+    def _least_recently_used_slot(self, model: ModelConfig) -> Slot | None:
+        return min(self._idle_slots(model), key=lambda slot: slot.last_used, default=None)
+
+    def _count(self, model: ModelConfig) -> int:
+        return sum(1 for i in self.instances.values() if i.model is model and not i.dispose_requested)
+
+    def _can_spawn(self, model: ModelConfig) -> bool:
+        if self._count(model) >= model.max_instances:
+            return False
+        return not (model.device.requires_gpu and self._gpu_holder is not None)
+
+    def _make_room_on_gpu(self, model: ModelConfig) -> None:
+        """A model that must run on the GPU waits for it: the holder of another model is
+        disposed as soon as it is idle."""
+        holder = self._gpu_holder
+        if not model.device.requires_gpu or holder is None or holder.model is model:
+            return
+        if self._count(model) >= model.max_instances:
+            return
+        if holder.ready and holder.idle:
+            log.info("disposing %s to free the GPU for model %r", holder.id, model.id)
+            holder.dispose_requested = True
+            holder.poke()
+
+    # --- instances ------------------------------------------------------------
+
+    def _spawn(self, model: ModelConfig) -> trio.Event:
+        """Start an instance of ``model``; the returned event is set once it is loaded (or failed)."""
+        engine = self.engines[model.engine]
+        use_gpu = model.device.requires_gpu or (
+            model.device.gpu == "auto" and engine.uses_gpu and self._gpu_holder is None
+        )
+        device = Device(
+            gpu=use_gpu,
+            name=model.device.gpu if isinstance(model.device.gpu, str) and model.device.gpu != "auto" else None,
+            gpu_layers=model.device.gpu_layers,
+            cpu_threads=model.device.cpu_threads,
+            mem_lock=model.device.mem_lock,
+        )
+        instance = Instance(model, engine, device)
+        self.instances[instance.id] = instance
+        if use_gpu:
+            self._gpu_holder = instance
+        loaded = trio.Event()
+        self._nursery.start_soon(self._start_instance, instance, loaded)
+        return loaded
+
+    async def _start_instance(self, instance: Instance, loaded: trio.Event) -> None:
+        try:
+            await self._nursery.start(self._run_instance, instance)
+        finally:
+            loaded.set()
+
+    async def _run_instance(self, instance: Instance, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        model, engine = instance.model, instance.engine
+        log.info("loading %s on %s", instance.id, "gpu" if instance.device.gpu else "cpu")
+        try:
+            prepared = await self.store.prepare(model)
+            engine_instance = await engine.create_instance(model, prepared, instance.device)
+        except Exception as exception:
+            error = exception if isinstance(exception, LllmsError) else ModelLoadError(
+                f"model {model.id!r} failed to load: {type(exception).__name__}: {exception}"
+            )
+            log.error("loading %s failed: %s", instance.id, error.message)
+            self._forget(instance)
+            self._fail_waiters(model, error)
+            self._refill(model, failed=True)
+            self._dispatch()
+            task_status.started()
+            return
+        try:
+            instance.engine_instance = engine_instance
+            instance.slots = [Slot(instance, index) for index in range(engine_instance.slots)]
+            await self._preload(instance)
+            instance.state = "ready"
+            self._retry_delay.pop(model.id, None)
+            log.info("loaded %s (%d slots)", instance.id, len(instance.slots))
+            task_status.started()
+            self._dispatch()
+            await self._live(instance)
+        finally:
+            instance.state = "disposing"
+            instance.dispose_requested = True
+            with trio.CancelScope(shield=True):
+                try:
+                    await engine.dispose_instance(engine_instance)
+                except Exception:
+                    log.exception("disposing %s failed", instance.id)
+            log.info("disposed %s", instance.id)
+            self._forget(instance)
+            self._refill(model)
+            self._dispatch()
+
+    async def _preload(self, instance: Instance) -> None:
+        from lllms_core.context import chat_key, text_key
+        from lllms_core.schemas import AssistantMessage, SystemMessage, UserMessage
+
+        model = instance.model
+        if not (model.initial_messages or model.prefix):
+            return
+        slot = instance.slots[0]
+        try:
+            await instance.engine.preload(slot.task_context())
+        except Exception as error:
+            log.warning("preloading %s failed, continuing without: %s", instance.id, error)
+            return
+        kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+        if model.initial_messages:
+            slot.context_key = chat_key(kinds[m.role](content=m.content) for m in model.initial_messages)
+        else:
+            slot.context_key = text_key(model.prefix or "")
+        slot.fresh = False
+
+    async def _live(self, instance: Instance) -> None:
+        """Keep the instance until disposal is asked for, or its TTL runs out while idle."""
+        model = instance.model
+        while not instance.dispose_requested:
+            deadline = math.inf
+            if instance.idle and self._count(model) > model.min_instances:
+                deadline = instance.last_used + model.ttl
+            instance.wake = trio.Event()
+            with trio.move_on_at(deadline):
+                await instance.wake.wait()
+                continue
+            if instance.idle and self._count(model) > model.min_instances:
+                log.info("%s idle for %ss, disposing", instance.id, model.ttl)
+                return
+
+    def _forget(self, instance: Instance) -> None:
+        self.instances.pop(instance.id, None)
+        if self._gpu_holder is instance:
+            self._gpu_holder = None
+
+    def _fail_waiters(self, model: ModelConfig, error: LllmsError) -> None:
+        if any(i.model is model for i in self.instances.values()):
+            return  # another instance of the model may still serve them
+        for waiter in [w for w in self._waiters if w.model is model]:
+            self._waiters.remove(waiter)
+            waiter.error = error
+            waiter.event.set()
+
+    def _refill(self, model: ModelConfig, failed: bool = False) -> None:
+        if self.closed or self._count(model) >= model.min_instances:
+            return
+        if not failed:
+            for _ in range(model.min_instances - self._count(model)):
+                self._spawn(model)
+            return
+        first, longest = RETRY_MIN_INSTANCES_AFTER
+        delay = self._retry_delay.get(model.id, first)
+        self._retry_delay[model.id] = min(delay * 2, longest)
+        self._nursery.start_soon(self._refill_later, model, delay)
+
+    async def _refill_later(self, model: ModelConfig, delay: float) -> None:
+        await trio.sleep(delay)
+        self._refill(model)
+
+
+@asynccontextmanager
+async def open_model_pool(config: Config, engines: dict[str, Engine], store) -> AsyncIterator[ModelPool]:
+    """Run a pool: its instances live while the block runs and are disposed when it ends."""
+    async with trio.open_nursery() as nursery:
+        pool = ModelPool(config, engines, store, nursery)
+        pool._start()
+        try:
+            yield pool
+        finally:
+            pool._close()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,299 @@
+"""The library facade: ``async with ModelServer(config) as server:`` and one method per task."""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
+from typing import Any, AsyncIterator
+
+import msgspec
+import trio
+
+from lllms_core.config import Config, load_config
+from lllms_core.context import ContextKey, chat_key, text_key
+from lllms_core.engine import ChunkSink, Engine
+from lllms_core.errors import (
+    EngineError,
+    InvalidRequestError,
+    LllmsError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+)
+from lllms_core.plugins import PluginManager, get_plugin_manager
+from lllms_core.pool import ModelPool, open_model_pool
+from lllms_core.samplers import check_request
+from lllms_core.schemas import (
+    AssistantMessage,
+    ChatCompletionRequest,
+    Choice,
+    Completion,
+    CompletionChunk,
+    CompletionResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    FunctionCall,
+    ImageToTextRequest,
+    ImageToTextResult,
+    TextCompletionRequest,
+    ToolCall,
+    TranscriptionRequest,
+    TranscriptionResult,
+    Usage,
+)
+from lllms_core.store import ModelStore
+from lllms_core.tasks import tasks_served
+
+log = logging.getLogger("lllms.server")
+
+
+def validation_error(error: msgspec.ValidationError) -> InvalidRequestError:
+    """A 400 from msgspec's message, with ``param`` taken from the JSON path it names."""
+    message = str(error)
+    param = None
+    if "at `$." in message:
+        path = message.rsplit("at `$.", 1)[1].rstrip("`")
+        param = path
+    return InvalidRequestError(message, param=param)
+
+
+class CompletionStream:
+    """The chunks of one completion as they are generated, then its result.
+
+    Iterate it for :class:`CompletionChunk`s; an error during generation is raised
+    from the iteration. Once exhausted, :meth:`completion` has the whole answer.
+    """
+
+    def __init__(self, model: str, choices: int, fingerprint: str | None):
+        self.id = f"cmpl-{secrets.token_hex(12)}"
+        self.model = model
+        self.created = int(time.time())
+        self.system_fingerprint = fingerprint
+        self.choices = [Choice(index=index) for index in range(choices)]
+        self.usage = Usage()
+        self.error: LllmsError | None = None
+        self.started_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self._send, self._receive = trio.open_memory_channel(math.inf)
+
+    def _push(self, chunk: CompletionChunk) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        choice = self.choices[chunk.index]
+        choice.text += chunk.text
+        if chunk.logprobs:
+            choice.logprobs = (choice.logprobs or []) + chunk.logprobs
+        for delta in chunk.tool_calls or ():
+            if delta.index >= len(choice.tool_calls):
+                choice.tool_calls.append(
+                    ToolCall(id=delta.id or f"call_{secrets.token_hex(8)}", function=FunctionCall(name=delta.name or "", arguments=""))
+                )
+            call = choice.tool_calls[delta.index]
+            call.function.arguments += delta.arguments
+        self._send.send_nowait(chunk)
+
+    def _finish(self, result: CompletionResult) -> None:
+        for choice, reason in zip(self.choices, result.finish_reasons):
+            choice.finish_reason = reason
+        self.usage = result.usage
+        self._send.close()
+
+    def _fail(self, error: LllmsError) -> None:
+        self.error = error
+        self._send.close()
+
+    def __aiter__(self) -> "CompletionStream":
+        return self
+
+    async def __anext__(self) -> CompletionChunk:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            if self.error is not None:
+                raise self.error from None
+            raise StopAsyncIteration from None
+
+    def completion(self) -> Completion:
+        return Completion(
+            id=self.id,
+            model=self.model,
+            created=self.created,
+            choices=self.choices,
+            usage=self.usage,
+            system_fingerprint=self.system_fingerprint,
+        )
+
+
+class ModelServer:
+    """Models by id, served from a pool of instances.
+
+    ``config`` is a :class:`Config`, a dict or a TOML path. ``wait_ready``: entering
+    waits until ``min_instances`` are loaded and ``blocking`` models are prepared.
+    """
+
+    def __init__(self, config: Config | dict | str | None = None, *, plugins: PluginManager | None = None, wait_ready: bool = True):
+        self.plugins = plugins or get_plugin_manager()
+        self.config = load_config(config, self.plugins)
+        self.engines: dict[str, Engine] = {}
+        self.store = ModelStore(self.config, self.engines)
+        for model in self.config.models.values():
+            if model.engine not in self.engines:
+                self.engines[model.engine] = self.plugins.engines[model.engine](self.store)
+        self.wait_ready = wait_ready
+        self.pool: ModelPool | None = None
+        self.fingerprints = {
+            model_id: "fp_" + secrets.token_hex(5) for model_id in self.config.models
+        }
+        self._stack: AsyncExitStack | None = None
+
+    async def __aenter__(self) -> "ModelServer":
+        self._stack = AsyncExitStack()
+        self.pool = await self._stack.enter_async_context(open_model_pool(self.config, self.engines, self.store))
+        if self.wait_ready:
+            await self.pool.wait_ready()
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        return await stack.__aexit__(*exc_info)
+
+    # --- facts ----------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.pool is not None and self.pool.ready
+
+    def status(self) -> dict[str, Any]:
+        assert self.pool is not None
+        store = self.store.status()
+        pool = self.pool.status()
+        return {
+            "ready": self.ready,
+            "processing": pool["processing"],
+            "queued": pool["queued"],
+            "concurrency": pool["concurrency"],
+            "models": {
+                model.id: {"engine": model.engine, "task": model.task, **store.get(model.id, {})}
+                for model in self.config.models.values()
+            },
+            "instances": pool["instances"],
+        }
+
+    # --- requests -------------------------------------------------------------
+
+    def _resolve(self, task_name: str, request: Any):
+        task = self.plugins.tasks[task_name]
+        if isinstance(request, dict):
+            try:
+                request = msgspec.convert(request, task.request)
+            except msgspec.ValidationError as error:
+                raise validation_error(error) from None
+        model = self.config.models.get(request.model)
+        if model is None:
+            raise ModelNotFoundError(f"The model {request.model!r} does not exist", param="model")
+        if task_name not in tasks_served(model.task):
+            raise InvalidRequestError(
+                f"model {model.id!r} is a {model.task} model; it does not serve {task_name}", param="model"
+            )
+        if model.completion_defaults:
+            unset = {k: v for k, v in model.completion_defaults.items() if getattr(request, k, 0) is None}
+            request = msgspec.structs.replace(request, **unset)
+        engine = self.engines[model.engine]
+        check_request(engine, task, self.plugins.samplers, request, model.id)
+        return model, engine, task, request
+
+    def _deadline(self):
+        timeout = self.config.server.request_timeout
+        return trio.fail_after(timeout) if timeout else nullcontext()
+
+    @asynccontextmanager
+    async def _stream(self, task_name: str, request: Any, key_of) -> AsyncIterator[CompletionStream]:
+        model, engine, task, request = self._resolve(task_name, request)
+        assert self.pool is not None
+        lease = self.pool.acquire(model.id, key_of(request))
+        stream = CompletionStream(model.id, request.choices, self.fingerprints[model.id])
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._generate, lease, engine, task, request, stream)
+                yield stream
+                nursery.cancel_scope.cancel()
+        finally:
+            lease.withdraw()
+
+    async def _generate(self, lease, engine: Engine, task, request, stream: CompletionStream) -> None:
+        try:
+            with self._deadline():
+                async with lease as slot:
+                    slot.context_key = ()  # unknown until the task ends well
+                    result = await getattr(engine, task.method)(slot.task_context(), request, ChunkSink(stream._push))
+                    slot.fresh = False
+                    slot.context_key = self._key_after(request, stream)
+            stream._finish(result)
+        except trio.TooSlowError:
+            stream._fail(RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s"))
+        except LllmsError as error:
+            stream._fail(error)
+        except Exception as error:
+            log.exception("engine %r failed", engine.name)
+            stream._fail(EngineError(f"engine {engine.name!r} failed: {type(error).__name__}"))
+
+    @staticmethod
+    def _key_after(request: Any, stream: CompletionStream) -> ContextKey:
+        choice = stream.choices[0]
+        if isinstance(request, ChatCompletionRequest):
+            reply = AssistantMessage(
+                content=choice.text or None, tool_calls=choice.tool_calls or msgspec.UNSET
+            )
+            return chat_key([*request.messages, reply])
+        prompt = request.prompts[0]
+        return text_key(prompt + choice.text) if isinstance(prompt, str) else ()
+
+    def stream_chat_completion(self, request: ChatCompletionRequest | dict):
+        """``async with server.stream_chat_completion(request) as stream: async for chunk in stream``."""
+        return self._stream("chat-completion", request, lambda r: chat_key(r.messages[:-1]))
+
+    def stream_text_completion(self, request: TextCompletionRequest | dict):
+        def key(r: TextCompletionRequest) -> ContextKey:
+            prompt = r.prompts[0]
+            return text_key(prompt) if isinstance(prompt, str) and len(r.prompts) == 1 else ()
+
+        return self._stream("text-completion", request, key)
+
+    async def chat_completion(self, request: ChatCompletionRequest | dict) -> Completion:
+        async with self.stream_chat_completion(request) as stream:
+            async for _ in stream:
+                pass
+        return stream.completion()
+
+    async def text_completion(self, request: TextCompletionRequest | dict) -> Completion:
+        async with self.stream_text_completion(request) as stream:
+            async for _ in stream:
+                pass
+        return stream.completion()
+
+    async def _run(self, task_name: str, request: Any):
+        model, engine, task, request = self._resolve(task_name, request)
+        assert self.pool is not None
+        try:
+            with self._deadline():
+                async with self.pool.acquire(model.id) as slot:
+                    return await getattr(engine, task.method)(slot.task_context(), request)
+        except trio.TooSlowError:
+            raise RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s") from None
+        except LllmsError:
+            raise
+        except Exception as error:
+            log.exception("engine %r failed", engine.name)
+            raise EngineError(f"engine {engine.name!r} failed: {type(error).__name__}") from None
+
+    async def embedding(self, request: EmbeddingRequest | dict) -> EmbeddingResult:
+        return await self._run("embedding", request)
+
+    async def speech_to_text(self, request: TranscriptionRequest | dict) -> TranscriptionResult:
+        return await self._run("speech-to-text", request)
+
+    async def image_to_text(self, request: ImageToTextRequest | dict) -> ImageToTextResult:
+        return await self._run("image-to-text", request)

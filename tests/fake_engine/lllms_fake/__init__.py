@@ -1,0 +1,173 @@
+"""A deterministic fake engine, for tests of the pool and the HTTP API (not of engine behaviour).
+
+Chat: answers ``reply`` if configured, else ``"You said: <last user text>"``, one word
+per token. Each slot remembers the words of its context, so cached tokens show
+context reuse. ``EVENTS`` records loads, disposals and tasks for tests to inspect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import msgspec
+import trio
+
+from lllms_core.engine import Engine, EngineInstance, StopStringFilter, normalize_embedding
+from lllms_core.errors import ModelLoadError
+from lllms_core.hookspecs import hookimpl
+from lllms_core.schemas import (
+    CompletionChunk,
+    CompletionResult,
+    EmbeddingResult,
+    TokenLogprob,
+    TopLogprob,
+    ToolCallDelta,
+    TranscriptionResult,
+    TranscriptionSegment,
+    Usage,
+    message_text,
+)
+
+EVENTS: list[tuple] = []
+
+
+class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    slots: int = 1
+    load_delay: float = 0.0
+    token_delay: float = 0.0
+    fail_load: bool = False
+    reply: str | None = None
+
+
+class FakeEngine(Engine):
+    name = "fake"
+    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text"})
+    default_task = "chat-completion"
+    options = FakeOptions
+    capabilities = frozenset({"temperature", "top_p", "seed", "n", "logprobs", "tools", "echo", "pooling"})
+    needs_model_file = False
+
+    async def create_instance(self, model, prepared, device):
+        options: FakeOptions = model.options
+        await trio.sleep(options.load_delay)
+        if options.fail_load:
+            EVENTS.append(("load-failed", model.id))
+            raise ModelLoadError(f"fake model {model.id!r} refuses to load")
+        instance = EngineInstance(slots=options.slots, limiter=trio.CapacityLimiter(options.slots))
+        instance.model_id = model.id
+        instance.gpu = device.gpu
+        EVENTS.append(("load", model.id, "gpu" if device.gpu else "cpu"))
+        return instance
+
+    async def dispose_instance(self, instance):
+        EVENTS.append(("dispose", instance.model_id))
+
+    async def preload(self, context):
+        model = context.model
+        text = " ".join(m.content for m in model.initial_messages) if model.initial_messages else model.prefix
+        context.instance.slot_states[context.slot] = text.split()
+
+    def _generate(self, context, words_in: list[str], answer: str, request, sink, index: int) -> tuple[str, Usage]:
+        """Runs in a worker thread, like a real engine's generation loop."""
+        options: FakeOptions = context.model.options
+        state = context.instance.slot_states[context.slot] or []
+        cached = 0
+        for old, new in zip(state, words_in):
+            if old != new:
+                break
+            cached += 1
+        stop = StopStringFilter(request.stop_list)
+        limit = request.token_limit
+        generated: list[str] = []
+        reason = "stop"
+        for position, word in enumerate(answer.split()):
+            if limit is not None and position >= limit:
+                reason = "length"
+                break
+            if options.token_delay:
+                time.sleep(options.token_delay)
+            token = word if position == 0 else " " + word
+            text, stopped = stop.push(token)
+            logprobs = None
+            if getattr(request, "logprobs", None):
+                logprobs = [
+                    TokenLogprob(token=token, logprob=-0.5, bytes=list(token.encode()),
+                                 top_logprobs=[TopLogprob(token=token, logprob=-0.5, bytes=list(token.encode()))])
+                ]
+            if text or logprobs:
+                sink.send_from_thread(CompletionChunk(index=index, text=text, logprobs=logprobs))
+            generated.append(word)
+            if stopped:
+                break
+        else:
+            rest = stop.flush()
+            if rest:
+                sink.send_from_thread(CompletionChunk(index=index, text=rest))
+        if index == 0:
+            context.instance.slot_states[context.slot] = words_in + generated
+        return reason, Usage(prompt_tokens=len(words_in), completion_tokens=len(generated), cached_tokens=cached)
+
+    async def chat_completion(self, context, request, sink):
+        EVENTS.append(("task", context.model.id, context.slot, context.fresh))
+        words_in = " ".join(message_text(m) for m in request.messages).split()
+        if request.tools and request.tool_choice != "none":
+            tool = request.tools[0].function
+            if request.tool_choice not in (None, "auto", "required"):
+                tool = next(t.function for t in request.tools if t.function.name == request.tool_choice.function.name)
+            arguments = json.dumps({"echo": message_text(request.messages[-1])})
+            await sink.send(CompletionChunk(tool_calls=[ToolCallDelta(index=0, id="call_fake0", name=tool.name)]))
+            await sink.send(CompletionChunk(tool_calls=[ToolCallDelta(index=0, arguments=arguments)]))
+            return CompletionResult(
+                finish_reasons=["tool_calls"], usage=Usage(prompt_tokens=len(words_in), completion_tokens=5)
+            )
+        answer = context.model.options.reply or "You said: " + message_text(request.messages[-1])
+        return await self._complete(context, words_in, answer, request, sink)
+
+    async def text_completion(self, context, request, sink):
+        EVENTS.append(("task", context.model.id, context.slot, context.fresh))
+        prompt = request.prompts[0]
+        words_in = prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt]
+        if request.echo and isinstance(prompt, str):
+            await sink.send(CompletionChunk(text=prompt))
+        answer = context.model.options.reply or "and then the story goes on"
+        return await self._complete(context, words_in, answer, request, sink)
+
+    async def _complete(self, context, words_in, answer, request, sink):
+        reasons, usage = [], Usage()
+        for index in range(request.choices):
+            reason, choice_usage = await trio.to_thread.run_sync(
+                self._generate, context, words_in, answer, request, sink, index, limiter=context.instance.limiter
+            )
+            reasons.append(reason)
+            usage = Usage(
+                prompt_tokens=choice_usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens + choice_usage.completion_tokens,
+                cached_tokens=choice_usage.cached_tokens,
+            ) if index else choice_usage
+        return CompletionResult(finish_reasons=reasons, usage=usage)
+
+    async def embedding(self, context, request):
+        vectors = []
+        tokens = 0
+        for item in request.inputs:
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += len(text.split())
+            digest = hashlib.sha256(text.lower().encode()).digest()
+            vectors.append(normalize_embedding([b - 127.5 for b in digest[:16]], request.dimensions))
+        return EmbeddingResult(embeddings=vectors, prompt_tokens=tokens)
+
+    async def speech_to_text(self, context, request):
+        text = f"fake transcription of {len(request.audio)} bytes"
+        return TranscriptionResult(
+            text=text,
+            language=request.language or "en",
+            duration=1.5,
+            segments=[TranscriptionSegment(id=0, start=0.0, end=1.5, text=text)],
+        )
+
+
+@hookimpl
+def register_engines(register):
+    register(FakeEngine)
