@@ -123,7 +123,6 @@ class Engine:
       sampler and task registries), e.g. ``{"temperature", "seed", "tools", "logprobs"}``.
     - ``logits_processors``: whether it applies plugin samplers' logits processors.
     - ``needs_model_file``: whether a model needs ``url``/``file``/``location``.
-    - ``uses_gpu``: whether it can run on a GPU at all.
     """
 
     name: ClassVar[str]
@@ -133,10 +132,14 @@ class Engine:
     capabilities: ClassVar[frozenset[str]] = frozenset()
     logits_processors: ClassVar[bool] = False
     needs_model_file: ClassVar[bool] = True
-    uses_gpu: ClassVar[bool] = True
 
     def __init__(self, store: "ModelStore | None" = None):
         self.store = store
+
+    def gpu_available(self) -> bool:
+        """Whether this engine can use a GPU on this machine; ``device.gpu = "auto"`` models take
+        the GPU only then. Called when an instance is spawned, so it may import the engine's library."""
+        return False
 
     async def prepare_model(self, model: "ModelConfig", location: Path | None) -> Any:
         """Make a downloaded, verified model ready to load (convert, check); return what

@@ -152,6 +152,11 @@ class Lease:
         """Give the place or slot back if the lease was never used (idempotent)."""
         self._pool._finish(self._waiter)
 
+    def leave_queue(self) -> None:
+        """Leave the queue now if still waiting there; a granted slot is left to its user."""
+        if self._waiter in self._pool._waiters:
+            self._pool._finish(self._waiter)
+
 
 class ModelPool:
     def __init__(self, config: Config, engines: dict[str, Engine], store, nursery: trio.Nursery):
@@ -367,7 +372,7 @@ class ModelPool:
         """Start an instance of ``model``; the returned event is set once it is loaded (or failed)."""
         engine = self.engines[model.engine]
         use_gpu = model.device.requires_gpu or (
-            model.device.gpu == "auto" and engine.uses_gpu and self._gpu_holder is None
+            model.device.gpu == "auto" and self._gpu_holder is None and engine.gpu_available()
         )
         device = Device(
             gpu=use_gpu,

@@ -151,6 +151,9 @@ class ModelServer:
     async def __aenter__(self) -> "ModelServer":
         self._stack = AsyncExitStack()
         self.pool = await self._stack.enter_async_context(open_model_pool(self.config, self.engines, self.store))
+        # generations run here, so a consumer's exceptions never pass through a nursery of ours
+        self._generations = await self._stack.enter_async_context(trio.open_nursery())
+        self._stack.callback(self._generations.cancel_scope.cancel)
         if self.wait_ready:
             await self.pool.wait_ready()
         return self
@@ -215,30 +218,35 @@ class ModelServer:
         assert self.pool is not None
         lease = self.pool.acquire(model.id, key_of(request))
         stream = CompletionStream(model.id, request.choices, self.fingerprints[model.id])
+        scope = trio.CancelScope()
+        self._generations.start_soon(self._generate, lease, engine, task, request, stream, scope)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._generate, lease, engine, task, request, stream)
-                yield stream
-                nursery.cancel_scope.cancel()
+            yield stream
         finally:
-            lease.withdraw()
+            scope.cancel()  # the consumer is gone: stop generating; a busy slot frees itself
+            lease.leave_queue()
 
-    async def _generate(self, lease, engine: Engine, task, request, stream: CompletionStream) -> None:
-        try:
-            with self._deadline():
-                async with lease as slot:
-                    slot.context_key = ()  # unknown until the task ends well
-                    result = await getattr(engine, task.method)(slot.task_context(), request, ChunkSink(stream._push))
-                    slot.fresh = False
-                    slot.context_key = self._key_after(request, stream)
-            stream._finish(result)
-        except trio.TooSlowError:
-            stream._fail(RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s"))
-        except LllmsError as error:
-            stream._fail(error)
-        except Exception as error:
-            log.exception("engine %r failed", engine.name)
-            stream._fail(EngineError(f"engine {engine.name!r} failed: {type(error).__name__}"))
+    async def _generate(self, lease, engine: Engine, task, request, stream: CompletionStream, scope) -> None:
+        with scope:
+            try:
+                with self._deadline():
+                    async with lease as slot:
+                        slot.context_key = ()  # unknown until the task ends well
+                        result = await getattr(engine, task.method)(
+                            slot.task_context(), request, ChunkSink(stream._push)
+                        )
+                        slot.fresh = False
+                        slot.context_key = self._key_after(request, stream)
+                stream._finish(result)
+            except trio.TooSlowError:
+                stream._fail(RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s"))
+            except LllmsError as error:
+                stream._fail(error)
+            except Exception as error:
+                log.exception("engine %r failed", engine.name)
+                stream._fail(EngineError(f"engine {engine.name!r} failed: {type(error).__name__}"))
+            finally:
+                lease.withdraw()
 
     @staticmethod
     def _key_after(request: Any, stream: CompletionStream) -> ContextKey:

@@ -37,7 +37,8 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     slots: int = 1
     load_delay: float = 0.0
     token_delay: float = 0.0
-    fail_load: bool = False
+    fail_loads: int = 0
+    """Fail this many loads of the model before loading succeeds."""
     reply: str | None = None
 
 
@@ -49,10 +50,13 @@ class FakeEngine(Engine):
     capabilities = frozenset({"temperature", "top_p", "seed", "n", "logprobs", "tools", "echo", "pooling"})
     needs_model_file = False
 
+    def gpu_available(self):
+        return True  # pretend, so that the pool's GPU rules can be tested
+
     async def create_instance(self, model, prepared, device):
         options: FakeOptions = model.options
         await trio.sleep(options.load_delay)
-        if options.fail_load:
+        if sum(1 for event in EVENTS if event[:2] == ("load-failed", model.id)) < options.fail_loads:
             EVENTS.append(("load-failed", model.id))
             raise ModelLoadError(f"fake model {model.id!r} refuses to load")
         instance = EngineInstance(slots=options.slots, limiter=trio.CapacityLimiter(options.slots))

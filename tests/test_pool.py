@@ -1,0 +1,231 @@
+"""The pool's rules, driven through the ModelServer facade with the fake engine."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from lllms_core.errors import ModelLoadError, QueueFullError, RequestTimeoutError
+from lllms_core.server import ModelServer
+from lllms_fake import EVENTS
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def config(server=None, **models):
+    return {"server": server or {}, "models": {name: {"engine": "fake", **spec} for name, spec in models.items()}}
+
+
+def chat(model, *turns, **params):
+    roles = ["user", "assistant"]
+    messages = [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+    return {"model": model, "messages": messages, **params}
+
+
+@pytest.fixture(autouse=True)
+def clear_events():
+    EVENTS.clear()
+
+
+def tasks(model=None):
+    return [event for event in EVENTS if event[0] == "task" and (model is None or event[1] == model)]
+
+
+async def wait_until(predicate, timeout=5.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_concurrency_gate_processes_one_request_at_a_time():
+    spec = {"token_delay": 0.02, "reply": "one two three four"}
+    async with ModelServer(config({"concurrency": 1}, a=spec, b=spec)) as server:
+        spans = {}
+
+        async def run(model):
+            async with server.stream_chat_completion(chat(model, "hi")) as stream:
+                first = None
+                async for _ in stream:
+                    first = first or trio.current_time()
+                spans[model] = (first, trio.current_time())
+
+        most = 0
+
+        async def watch():
+            nonlocal most
+            while True:
+                most = max(most, server.status()["processing"])
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as requests:
+                requests.start_soon(run, "a")
+                requests.start_soon(run, "b")
+            nursery.cancel_scope.cancel()
+    (a_start, a_end), (b_start, b_end) = spans["a"], spans["b"]
+    assert most == 1
+    assert a_end <= b_start or b_end <= a_start, "two requests ran at once despite concurrency = 1"
+
+
+async def test_waiting_requests_are_served_first_come_first_served():
+    async with ModelServer(config(a={"token_delay": 0.02, "reply": "a b c d e"})) as server:
+        finished = []
+
+        async def run(name):
+            await server.chat_completion(chat("a", name))
+            finished.append(name)
+
+        def in_pool():
+            return server.status()["processing"] + server.status()["queued"]
+
+        async with trio.open_nursery() as nursery:
+            for started, name in enumerate(["first", "second", "third", "fourth"], start=1):
+                nursery.start_soon(run, name)
+                await wait_until(lambda: in_pool() + len(finished) == started)
+    assert finished == ["first", "second", "third", "fourth"]
+
+
+async def test_a_follow_up_turn_goes_to_the_slot_holding_its_conversation():
+    async with ModelServer(config(m={"slots": 2, "reply": "noted"})) as server:
+        await server.chat_completion(chat("m", "my cat is called Tom"))
+        await server.chat_completion(chat("m", "my dog is called Rex"))
+        (_, _, slot_a, _), (_, _, slot_b, _) = tasks()
+        assert slot_a != slot_b, "a new conversation should take the empty slot, not evict the first"
+        second_a = await server.chat_completion(chat("m", "my cat is called Tom", "noted", "what is my cat called?"))
+        second_b = await server.chat_completion(chat("m", "my dog is called Rex", "noted", "and my dog?"))
+    assert tasks()[2][2] == slot_a and tasks()[3][2] == slot_b
+    # the fake engine counts the words its slot already held: the whole first turn
+    assert second_a.usage.cached_tokens == len("my cat is called Tom noted".split())
+    assert second_b.usage.cached_tokens == len("my dog is called Rex noted".split())
+
+
+async def test_least_recently_used_slot_is_reset_when_all_hold_other_conversations():
+    async with ModelServer(config(m={"slots": 2, "reply": "ok"})) as server:
+        await server.chat_completion(chat("m", "apples"))
+        await server.chat_completion(chat("m", "bananas"))
+        third = await server.chat_completion(chat("m", "cherries"))
+        follow_up_b = await server.chat_completion(chat("m", "bananas", "ok", "more"))
+    slot_a, slot_b, slot_c = (event[2] for event in tasks()[:3])
+    assert slot_c == slot_a, "the least recently used slot (A's) is the one reset"
+    assert tasks()[2][3] is True, "the engine is told the slot was reset"
+    assert third.usage.cached_tokens == 0
+    assert follow_up_b.usage.cached_tokens == 2, "B's slot kept its context"
+
+
+async def test_idle_instance_is_disposed_when_its_ttl_runs_out():
+    async with ModelServer(config(m={"reply": "ok"}, z={"reply": "ok"})) as server:
+        server.config.models["m"].ttl = 0.3
+        server.config.models["z"].ttl = 0
+        await server.chat_completion(chat("m", "hello"))
+        await server.chat_completion(chat("z", "hello"))
+        await wait_until(lambda: ("dispose", "z") in EVENTS, timeout=1)
+        assert ("dispose", "m") not in EVENTS, "ttl 0.3 s: still alive right after the request"
+        await wait_until(lambda: ("dispose", "m") in EVENTS, timeout=3)
+        assert server.status()["instances"] == []
+
+
+async def test_min_instances_are_loaded_at_start_and_refilled_after_a_failed_load():
+    async with ModelServer(config(m={"min_instances": 1, "fail_loads": 1, "ttl": 0})) as server:
+        assert EVENTS[0] == ("load-failed", "m")
+        await wait_until(lambda: any(i["state"] == "idle" for i in server.status()["instances"]), timeout=5)
+        await server.chat_completion(chat("m", "hello"))
+        await trio.sleep(0.1)
+        assert [i["model"] for i in server.status()["instances"]] == ["m"], "ttl 0 never goes below min_instances"
+
+
+async def test_a_full_queue_refuses_new_requests():
+    async with ModelServer(config({"max_queue": 1}, m={"token_delay": 0.05, "reply": "a b c d e f"})) as server:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.chat_completion, chat("m", "one"))
+            await wait_until(lambda: server.status()["processing"] == 1)
+            nursery.start_soon(server.chat_completion, chat("m", "two"))
+            await wait_until(lambda: server.status()["queued"] == 1)
+            with pytest.raises(QueueFullError) as refused:
+                await server.chat_completion(chat("m", "three"))
+            assert refused.value.status == 429
+    assert len(tasks()) == 2
+
+
+async def test_cancelling_a_waiting_request_frees_its_place():
+    async with ModelServer(config(m={"token_delay": 0.05, "reply": "a b c d"})) as server:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.chat_completion, chat("m", "running"))
+            await wait_until(lambda: server.status()["processing"] == 1)
+            with trio.move_on_after(0.05):
+                await server.chat_completion(chat("m", "gives up while waiting"))
+            assert server.status()["queued"] == 0
+        later = await server.chat_completion(chat("m", "later"))
+    assert later.choices[0].text == "a b c d"
+    assert [event[0] for event in tasks()] == ["task", "task"], "the cancelled request never ran"
+
+
+async def test_cancelling_a_running_request_stops_generation_and_frees_the_slot():
+    words = " ".join(f"w{i}" for i in range(100))
+    async with ModelServer(config(m={"token_delay": 0.02, "reply": words})) as server:
+        received = []
+        with trio.move_on_after(2):
+            async with server.stream_chat_completion(chat("m", "long one")) as stream:
+                async for chunk in stream:
+                    received.append(chunk.text)
+                    if len(received) == 3:
+                        break
+        await wait_until(lambda: server.status()["processing"] == 0, timeout=1)
+        state = server.pool.instances and next(iter(server.pool.instances.values())).engine_instance.slot_states[0]
+        after = await server.chat_completion(chat("m", "next"))
+    assert len(received) == 3
+    assert after.choices[0].finish_reason == "stop"
+    assert state != words.split(), "generation stopped early"
+
+
+async def test_a_request_timeout_stops_it_and_frees_the_slot():
+    async with ModelServer(config({"request_timeout": 0.2}, m={"token_delay": 0.05, "reply": "a " * 50})) as server:
+        with pytest.raises(RequestTimeoutError):
+            await server.chat_completion(chat("m", "slow"))
+        assert server.status()["processing"] == 0
+        server.config.server.request_timeout = None
+        server.config.models["m"].options.reply = "quick"
+        assert (await server.chat_completion(chat("m", "fast"))).choices[0].text == "quick"
+
+
+async def test_a_failing_load_reaches_the_waiting_requests_and_the_next_request_retries():
+    async with ModelServer(config(m={"fail_loads": 2, "load_delay": 0.1})) as server:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                errors = []
+
+                async def run():
+                    try:
+                        await server.chat_completion(chat("m", "hello"))
+                    except ModelLoadError as error:
+                        errors.append(error)
+
+                for _ in range(3):
+                    nursery.start_soon(run)
+        assert len(errors) == 3, "every waiting request gets the load error"
+        assert server.status()["instances"] == [], "a failed instance is not kept"
+        with pytest.raises(ModelLoadError):
+            await server.chat_completion(chat("m", "again"))
+        answer = await server.chat_completion(chat("m", "third time"))
+    assert answer.choices[0].text == "You said: third time"
+    assert [e[0] for e in EVENTS if e[0].startswith("load")] == ["load-failed", "load-failed", "load"]
+
+
+async def test_only_one_instance_holds_the_gpu():
+    gpu = {"device": {"gpu": True}, "reply": "ok"}
+    async with ModelServer(config(a=gpu, b=gpu, c={"device": {"gpu": "auto"}}, d={"device": {"gpu": False}})) as server:
+        await server.chat_completion(chat("a", "hi"))
+        await server.chat_completion(chat("c", "hi"))
+        await server.chat_completion(chat("b", "hi"))
+        await server.chat_completion(chat("d", "hi"))
+        devices = {i["model"]: i["device"] for i in server.status()["instances"]}
+    loads = [e for e in EVENTS if e[0] in ("load", "dispose")]
+    assert loads[:4] == [("load", "a", "gpu"), ("load", "c", "cpu"), ("dispose", "a"), ("load", "b", "gpu")]
+    assert devices == {"b": "gpu", "c": "cpu", "d": "cpu"}
+
+
+async def test_initial_messages_are_preloaded_and_reused():
+    system = {"role": "system", "content": "You are a terse pirate"}
+    async with ModelServer(config(m={"initial_messages": [system], "min_instances": 1, "reply": "arr"})) as server:
+        answer = await server.chat_completion({"model": "m", "messages": [system, {"role": "user", "content": "hi"}]})
+    assert answer.usage.cached_tokens == len(system["content"].split())
