@@ -202,7 +202,13 @@ def _load_model(model_id: str, spec: Any, plugins) -> ModelConfig:
         raise ConfigError(f"{where}: one of `url`, `file` or `location` is required")
     if model.min_instances > model.max_instances:
         raise ConfigError(f"{where}: min_instances ({model.min_instances}) exceeds max_instances ({model.max_instances})")
-    for name, value in model.completion_defaults.items():
+    for name in model.completion_defaults:
         if name not in plugins.completion_parameters:
             raise ConfigError(f"{where}: completion_defaults has unknown parameter {name!r}")
+    from lllms_core.schemas import TextCompletionRequest
+
+    try:
+        msgspec.convert({"model": model_id, "prompt": "", **model.completion_defaults}, TextCompletionRequest)
+    except msgspec.ValidationError as error:
+        raise ConfigError(_explain(error, f"{where}: completion_defaults")) from None
     return model

@@ -217,7 +217,23 @@ class ChatCompletionRequest(CompletionParameters, kw_only=True, omit_defaults=Tr
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-Prompt = Union[str, list[str], list[int], list[list[int]]]
+Prompt = Union[str, list[Union[str, int, list[int]]]]
+"""A string, a list of strings, a list of token ids, or a list of token-id lists."""
+
+
+def _split_inputs(value: Any, field_name: str) -> list[str | list[int]]:
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(item, int) for item in value):
+        return [value] if value else []
+    if all(isinstance(item, (str, list)) for item in value):
+        return list(value)
+    from lllms_core.errors import InvalidRequestError
+
+    raise InvalidRequestError(
+        f"`{field_name}` must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        param=field_name,
+    )
 
 
 class TextCompletionRequest(CompletionParameters, kw_only=True, omit_defaults=True):
@@ -234,17 +250,12 @@ class TextCompletionRequest(CompletionParameters, kw_only=True, omit_defaults=Tr
     @property
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list: one completion (or ``n``) per entry."""
-        prompt = self.prompt
-        if isinstance(prompt, str):
-            return [prompt]
-        if prompt and all(isinstance(item, int) for item in prompt):
-            return [prompt]
-        return list(prompt)
+        return _split_inputs(self.prompt, "prompt")
 
 
 class EmbeddingRequest(Request, kw_only=True, omit_defaults=True):
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Prompt
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     pooling: Literal["mean", "cls", "last"] | None = None
@@ -252,12 +263,7 @@ class EmbeddingRequest(Request, kw_only=True, omit_defaults=True):
 
     @property
     def inputs(self) -> list[str | list[int]]:
-        value = self.input
-        if isinstance(value, str):
-            return [value]
-        if value and all(isinstance(item, int) for item in value):
-            return [value]
-        return list(value)
+        return _split_inputs(self.input, "input")
 
 
 class TranscriptionRequest(Request, kw_only=True, omit_defaults=True):
