@@ -1,0 +1,450 @@
+"""lllms' own OpenAPI 3.1 description, generated from its msgspec Structs.
+
+Request bodies are the Structs the API decodes (:mod:`lllms_core.schemas`), so the
+document says exactly what is validated. The responses are described by the small
+Structs below, in the shapes OpenAI sends (and lllms with them).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any, Literal
+
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+from lllms_core.schemas import (
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    FinishReason,
+    TextCompletionRequest,
+    TokenLogprob,
+    ToolCall,
+    TranscriptionRequest,
+    TranscriptionSegment,
+)
+
+REF = "#/components/schemas/{name}"
+ALIAS_BASE = "/openai"
+"""The OpenAI routes are also served under this prefix (``/openai/v1/...``)."""
+
+
+# --- response shapes -------------------------------------------------------------
+
+
+class PromptTokensDetails(Struct, kw_only=True):
+    cached_tokens: int
+    """Prompt tokens whose evaluation was reused from an earlier request."""
+
+
+class CompletionUsage(Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
+
+
+class ChatLogprobs(Struct, kw_only=True):
+    content: list[TokenLogprob] | None
+
+
+class ChatCompletionMessage(Struct, kw_only=True):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
+    refusal: str | None | UnsetType = UNSET
+
+
+class ChatCompletionChoice(Struct, kw_only=True):
+    index: int
+    message: ChatCompletionMessage
+    finish_reason: FinishReason
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: CompletionUsage
+    system_fingerprint: str | None | UnsetType = UNSET
+
+
+class FunctionCallDelta(Struct, kw_only=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ToolCallChunk(Struct, kw_only=True):
+    index: int
+    id: str | UnsetType = UNSET
+    type: Literal["function"] | UnsetType = UNSET
+    function: FunctionCallDelta | UnsetType = UNSET
+
+
+class ChoiceDelta(Struct, kw_only=True):
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | None | UnsetType = UNSET
+    tool_calls: list[ToolCallChunk] | UnsetType = UNSET
+    refusal: str | None | UnsetType = UNSET
+
+
+class ChatCompletionChunkChoice(Struct, kw_only=True):
+    index: int
+    delta: ChoiceDelta
+    finish_reason: FinishReason | None
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    """One event of a streamed chat completion; with `stream_options.include_usage` the last has the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    system_fingerprint: str | None | UnsetType = UNSET
+    usage: CompletionUsage | None | UnsetType = UNSET
+
+
+class TextLogprobs(Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TextCompletionChoice(Struct, kw_only=True):
+    index: int
+    text: str
+    finish_reason: FinishReason | None
+    """Null in the chunks of a stream before the last one of a choice."""
+    logprobs: TextLogprobs | None = None
+
+
+class TextCompletion(Struct, kw_only=True):
+    """A text completion, or (streamed) one server-sent event of it."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextCompletionChoice]
+    system_fingerprint: str | None | UnsetType = UNSET
+    usage: CompletionUsage | None | UnsetType = UNSET
+
+
+class Embedding(Struct, kw_only=True):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str
+    """Floats, or base64 of little-endian float32s with ``encoding_format: base64``."""
+
+
+class EmbeddingUsage(Struct, kw_only=True):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class Transcription(Struct, kw_only=True):
+    """`response_format` json; `verbose_json` adds language, duration and segments."""
+
+    text: str
+    task: Literal["transcribe"] | UnsetType = UNSET
+    language: str | None | UnsetType = UNSET
+    duration: float | None | UnsetType = UNSET
+    segments: list[TranscriptionSegment] | UnsetType = UNSET
+
+
+class Model(Struct, kw_only=True):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class ErrorDetail(Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class Error(Struct, kw_only=True):
+    error: ErrorDetail
+
+
+class DownloadStatus(Struct, kw_only=True):
+    url: str
+    file: str
+    downloaded: int
+    total: int | None
+    percent: float | None
+    speed: float
+    """Bytes per second."""
+    eta: float | None
+    """Seconds left, if known."""
+
+
+class ModelStatus(Struct, kw_only=True):
+    engine: str
+    task: str
+    state: Literal["unprepared", "preparing", "ready", "error"]
+    error: str | None
+    location: str | None
+    downloads: list[DownloadStatus]
+
+
+class SlotStatus(Struct, kw_only=True):
+    index: int
+    busy: bool
+    context: str | None
+    """A hash naming the context the slot holds (never its text)."""
+    context_depth: int
+
+
+class InstanceStatus(Struct, kw_only=True):
+    id: str
+    model: str
+    engine: str
+    state: Literal["loading", "idle", "busy", "disposing"]
+    device: str
+    created: str | None
+    last_used: str | None
+    slots: list[SlotStatus]
+    info: dict[str, Any]
+
+
+class ServerStatus(Struct, kw_only=True):
+    ready: bool
+    processing: int
+    queued: int
+    concurrency: int
+    models: dict[str, ModelStatus]
+    instances: list[InstanceStatus]
+
+
+# --- the document -----------------------------------------------------------------
+
+ERRORS = {
+    "400": "The request is invalid; `error.param` names the field.",
+    "401": "An API key is configured and the request did not send it as a Bearer token.",
+    "404": "The model does not exist.",
+    "413": "The request body is larger than the server accepts.",
+    "429": "Too many requests are waiting; retry after `Retry-After` seconds.",
+    "500": "The engine failed.",
+    "503": "The model could not be loaded, or the server is shutting down.",
+    "504": "The request took longer than the configured request timeout.",
+}
+
+
+def _ref(kind: type) -> dict[str, str]:
+    return {"$ref": REF.format(name=kind.__name__)}
+
+
+def _json(kind: type, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(kind)}}}
+
+
+def _errors(*statuses: str) -> dict[str, Any]:
+    return {status: {"$ref": f"#/components/responses/Error{status}"} for status in statuses}
+
+
+def _streamed(kind: type, chunk: type, what: str) -> dict[str, Any]:
+    return {
+        "description": f"The {what}; with `stream: true`, server-sent events each carrying a "
+        f"`{chunk.__name__}` as `data`, ending with `data: [DONE]`.",
+        "content": {
+            "application/json": {"schema": _ref(kind)},
+            "text/event-stream": {"schema": {"type": "string"}, "x-event-schema": _ref(chunk)},
+        },
+    }
+
+
+def _post(operation_id: str, summary: str, body: dict[str, Any], ok: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": operation_id,
+            "summary": summary,
+            "tags": ["OpenAI"],
+            "requestBody": {"required": True, "content": body},
+            "responses": {"200": ok, **_errors("400", "401", "404", "413", "429", "500", "503", "504")},
+        }
+    }
+
+
+def _without_internal_fields(components: dict[str, Any]) -> None:
+    """Drop the Struct fields the API fills itself rather than reading them from the body."""
+    for name in ("ChatCompletionRequest", "TextCompletionRequest"):
+        components[name]["properties"].pop("plugin_parameters", None)
+
+
+def _transcription_form(components: dict[str, Any]) -> dict[str, Any]:
+    """The multipart form of a transcription request: the Struct's fields, with the
+    audio as an uploaded ``file`` rather than the bytes the API decodes it into."""
+    fields = copy.deepcopy(components.pop(TranscriptionRequest.__name__))
+    properties = {
+        "file": {
+            "type": "string",
+            "contentMediaType": "application/octet-stream",
+            "description": "The audio file (wav, mp3, flac, ogg...).",
+        },
+        **{name: value for name, value in fields["properties"].items() if name not in ("audio", "filename")},
+    }
+    return {"type": "object", "properties": properties, "required": ["file", *fields.get("required", [])]}
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of lllms' HTTP API (built once; do not modify it)."""
+    from importlib.metadata import version
+
+    response_kinds = (ChatCompletion, ChatCompletionChunk, TextCompletion, EmbeddingList, Transcription,
+                      ModelList, Model, Error, ServerStatus)
+    request_kinds = (ChatCompletionRequest, TextCompletionRequest, EmbeddingRequest, TranscriptionRequest)
+    _, components = msgspec.json.schema_components(request_kinds + response_kinds, ref_template=REF)
+    _without_internal_fields(components)
+    transcription_form = _transcription_form(components)
+
+    alias = {"servers": [{"url": "/"}, {"url": ALIAS_BASE, "description": "The same routes under /openai"}]}
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": {
+            **alias,
+            **_post(
+                "createChatCompletion",
+                "Answer a conversation",
+                {"application/json": {"schema": _ref(ChatCompletionRequest)}},
+                _streamed(ChatCompletion, ChatCompletionChunk, "chat completion"),
+            ),
+        },
+        "/v1/completions": {
+            **alias,
+            **_post(
+                "createCompletion",
+                "Continue a prompt",
+                {"application/json": {"schema": _ref(TextCompletionRequest)}},
+                _streamed(TextCompletion, TextCompletion, "text completion"),
+            ),
+        },
+        "/v1/embeddings": {
+            **alias,
+            **_post(
+                "createEmbedding",
+                "Embed texts",
+                {"application/json": {"schema": _ref(EmbeddingRequest)}},
+                _json(EmbeddingList, "One embedding per input, in input order."),
+            ),
+        },
+        "/v1/audio/transcriptions": {
+            **alias,
+            **_post(
+                "createTranscription",
+                "Transcribe audio",
+                {"multipart/form-data": {"schema": transcription_form}},
+                {
+                    "description": "The transcription: JSON for `json` and `verbose_json`, "
+                    "plain text for `text`, `srt` and `vtt`.",
+                    "content": {
+                        "application/json": {"schema": _ref(Transcription)},
+                        "text/plain": {"schema": {"type": "string"}},
+                    },
+                },
+            ),
+        },
+        "/v1/models": {
+            **alias,
+            "get": {
+                "operationId": "listModels",
+                "summary": "The configured models",
+                "tags": ["OpenAI"],
+                "responses": {"200": _json(ModelList, "Every configured model."), **_errors("401")},
+            },
+        },
+        "/v1/models/{model}": {
+            **alias,
+            "get": {
+                "operationId": "retrieveModel",
+                "summary": "One configured model",
+                "tags": ["OpenAI"],
+                "parameters": [
+                    {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {"200": _json(Model, "The model."), **_errors("401", "404")},
+            },
+        },
+        "/": {
+            "get": {
+                "operationId": "getStatus",
+                "summary": "The server's state: models, downloads, instances and their slots, queue",
+                "tags": ["lllms"],
+                "responses": {"200": _json(ServerStatus, "The status report."), **_errors("401")},
+            }
+        },
+        "/health": {
+            "get": {
+                "operationId": "getHealth",
+                "summary": "Whether the server is ready (for load balancers and orchestrators)",
+                "tags": ["lllms"],
+                "security": [],
+                "responses": {
+                    "200": {"description": "Ready: the models that must be loaded at start are."},
+                    "503": {"description": "Starting: models are still being prepared or loaded."},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "getMetrics",
+                "summary": "Prometheus metrics",
+                "tags": ["lllms"],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text exposition format 0.0.4.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors("401"),
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "lllms",
+            "version": version("lllms"),
+            "summary": "Local LLM inference server with an OpenAI-compatible API",
+            "description": "The OpenAI routes (`/v1/...`) are also served under `/openai/v1/...`. "
+            "When API keys are configured, every route except `/health` requires one as a Bearer token.",
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "servers": [{"url": "/"}],
+        "tags": [
+            {"name": "OpenAI", "description": "Routes compatible with OpenAI's API and clients."},
+            {"name": "lllms", "description": "The server's own routes."},
+        ],
+        "security": [{}, {"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "responses": {
+                f"Error{status}": _json(Error, description) for status, description in ERRORS.items()
+            },
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }

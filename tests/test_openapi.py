@@ -1,0 +1,140 @@
+"""The OpenAPI document: a valid OpenAPI 3.1 description that schema-driven clients can
+use, and that agrees with what lllms accepts and sends."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from lllms_core.api.openapi import openapi_document
+from lllms_core.schemas import ChatCompletionRequest, EmbeddingRequest, TextCompletionRequest
+from lllms_core.server import ModelServer
+
+pytestmark = pytest.mark.timeout(30)
+
+METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def validator(component: str) -> Draft202012Validator:
+    """A JSON Schema validator for ``#/components/schemas/<component>``, refs resolved in the document."""
+    registry = Registry().with_resource("urn:lllms", Resource(openapi_document(), DRAFT202012))
+    return Draft202012Validator({"$ref": f"urn:lllms#/components/schemas/{component}"}, registry=registry)
+
+
+def refs(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from refs(value)
+
+
+def resolve(document, ref: str):
+    assert ref.startswith("#/"), ref
+    node = document
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def test_document_is_openapi_3_1_with_resolvable_refs_and_complete_operations():
+    document = openapi_document()
+    assert document["openapi"] == "3.1.0"
+    assert document["info"]["title"] == "lllms" and document["info"]["version"]
+    for ref in set(refs(document)):
+        resolve(document, ref)  # raises KeyError when it points nowhere
+    operation_ids = []
+    for path, item in document["paths"].items():
+        operations = {method: op for method, op in item.items() if method in METHODS}
+        assert operations, path
+        for method, operation in operations.items():
+            assert operation["responses"], (method, path)
+            assert any(status.startswith("2") for status in operation["responses"]), (method, path)
+            operation_ids.append(operation["operationId"])
+            declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(path.replace("}", "{").split("{")[1::2]), path
+    assert len(operation_ids) == len(set(operation_ids))
+    for name, schema in document["components"]["schemas"].items():
+        Draft202012Validator.check_schema(schema)
+
+
+def test_document_lists_the_routes_a_client_uses():
+    paths = openapi_document()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/audio/transcriptions",
+            "/v1/models", "/v1/models/{model}", "/", "/health", "/metrics"} <= set(paths)
+    assert paths["/v1/chat/completions"]["post"]["operationId"] == "createChatCompletion"
+    assert {"url": "/openai", "description": "The same routes under /openai"} in paths["/v1/models"]["servers"]
+    form = paths["/v1/audio/transcriptions"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["file", "model"]
+    assert "audio" not in form["properties"] and "filename" not in form["properties"]
+    chat = openapi_document()["components"]["schemas"]["ChatCompletionRequest"]
+    assert "plugin_parameters" not in chat["properties"]  # taken from top-level body fields instead
+
+
+@pytest.mark.parametrize(
+    ("component", "kind", "body", "valid"),
+    [
+        ("ChatCompletionRequest", ChatCompletionRequest,
+         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7, "stream": True}, True),
+        ("ChatCompletionRequest", ChatCompletionRequest,
+         {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+          "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+          "future_openai_field": 1}, True),
+        ("ChatCompletionRequest", ChatCompletionRequest,
+         {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 3}, False),
+        ("ChatCompletionRequest", ChatCompletionRequest, {"model": "m", "messages": []}, False),
+        ("ChatCompletionRequest", ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]}, False),
+        ("TextCompletionRequest", TextCompletionRequest, {"model": "m", "prompt": "Once", "max_tokens": 5}, True),
+        ("TextCompletionRequest", TextCompletionRequest, {"model": "m", "prompt": "Once", "max_tokens": 0}, False),
+        ("EmbeddingRequest", EmbeddingRequest, {"model": "m", "input": ["a", "b"], "dimensions": 8}, True),
+        ("EmbeddingRequest", EmbeddingRequest, {"model": "m", "input": "a", "encoding_format": "hex"}, False),
+    ],
+)
+def test_request_schemas_accept_and_refuse_what_the_api_does(component, kind, body, valid):
+    assert validator(component).is_valid(body) is valid
+    try:
+        msgspec.json.decode(msgspec.json.encode(body), type=kind)
+        decoded = True
+    except msgspec.ValidationError:
+        decoded = False
+    assert decoded is valid
+
+
+def test_response_schemas_describe_openai_shapes():
+    chat = {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m", "system_fingerprint": "fp_1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop",
+                     "logprobs": None}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3,
+                  "prompt_tokens_details": {"cached_tokens": 0}},
+    }
+    assert validator("ChatCompletion").is_valid(chat)
+    assert not validator("ChatCompletion").is_valid({**chat, "object": "text_completion"})
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "He"}, "finish_reason": None}]}
+    assert validator("ChatCompletionChunk").is_valid(chunk)
+    error = {"error": {"message": "The model 'x' does not exist", "type": "invalid_request_error",
+                       "param": "model", "code": "model_not_found"}}
+    assert validator("Error").is_valid(error)
+    assert validator("ModelList").is_valid(
+        {"object": "list", "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "lllms"}]}
+    )
+
+
+async def test_status_schema_matches_a_running_servers_status(tmp_path):
+    config = {
+        "server": {"cache_dir": str(tmp_path)},
+        "models": {"m1": {"engine": "fake", "min_instances": 1, "slots": 2}, "m2": {"engine": "fake"}},
+    }
+    async with ModelServer(config) as server:
+        await server.chat_completion({"model": "m1", "messages": [{"role": "user", "content": "hi"}]})
+        status = msgspec.json.decode(msgspec.json.encode(server.status()))
+    errors = [error.message for error in validator("ServerStatus").iter_errors(status)]
+    assert errors == []
+    assert status["instances"][0]["slots"][0]["context_depth"] > 0
