@@ -1,0 +1,88 @@
+"""What every route shares: the app's state, JSON bodies in and out, errors, SSE."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeVar
+
+import msgspec
+from quart import Response, current_app, request
+
+from lllms_core.errors import InvalidRequestError, LllmsError, QueueFullError
+from lllms_core.schemas import decoder_for
+from lllms_core.server import ModelServer, validation_error
+
+T = TypeVar("T")
+
+_any_json = msgspec.json.Decoder()
+
+
+class AppState:
+    """What the routes of one app share: the model server and the metrics."""
+
+    def __init__(self, server: ModelServer, metrics: Any):
+        self.server = server
+        self.metrics = metrics
+        self.created = int(time.time())
+        """Reported as each model's ``created``: the models exist since the server started."""
+        plugin_parameters = {
+            parameter
+            for sampler in server.plugins.samplers.values()
+            if sampler.logits_processor is not None
+            for parameter in sampler.parameters
+        }
+        self.plugin_parameters = plugin_parameters
+        """Parameters of plugin samplers: not request fields, so taken from the raw body."""
+
+
+def state() -> AppState:
+    return current_app.extensions["lllms"]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return current_app.response_class(
+        msgspec.json.encode(body), status=status, headers=headers, mimetype="application/json"
+    )
+
+
+def error_response(error: LllmsError) -> Response:
+    """An error in OpenAI's shape, with its status (and ``Retry-After`` when the queue is full)."""
+    headers = {}
+    if isinstance(error, QueueFullError):
+        headers["Retry-After"] = str(error.retry_after)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return json_response(error.to_dict(), error.status, headers)
+
+
+def decode_body(body: bytes, kind: type[T]) -> T:
+    """A request Struct from a JSON body: malformed JSON and wrong values become 400s."""
+    try:
+        return decoder_for(kind).decode(body)
+    except msgspec.ValidationError as error:
+        raise validation_error(error) from None
+    except msgspec.DecodeError as error:
+        raise InvalidRequestError(f"The request body is not valid JSON: {error}", code="invalid_json") from None
+
+
+async def read_request(kind: type[T]) -> T:
+    """The request Struct of this request's JSON body, with plugin sampler parameters
+    moved into ``plugin_parameters``."""
+    body = await request.get_data(as_text=False)
+    parsed = decode_body(body, kind)
+    wanted = state().plugin_parameters - set(getattr(kind, "__struct_fields__", ()))
+    if wanted and "plugin_parameters" in kind.__struct_fields__ and any(f'"{name}"'.encode() in body for name in wanted):
+        raw = _any_json.decode(body)
+        values = {name: raw[name] for name in wanted if raw.get(name) is not None}
+        if values:
+            parsed = msgspec.structs.replace(parsed, plugin_parameters=values)
+    return parsed
+
+
+def sse(body: Any) -> bytes:
+    """One server-sent event carrying a JSON body."""
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"
