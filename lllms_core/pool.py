@@ -170,6 +170,7 @@ class ModelPool:
         self._gpu_holder: Instance | None = None
         self._startup: list[trio.Event] = []
         self._retry_delay: dict[str, float] = {}
+        self._slots_seen: dict[str, int] = {}
         self.closed = False
 
     # --- public ---------------------------------------------------------------
@@ -292,8 +293,11 @@ class ModelPool:
         or evict instances as the waiting requests need."""
         if self.closed:
             return
+        # a loading instance will serve as many requests as the model's last instance had slots
         loading_capacity = {
-            instance.id: 1 for instance in self.instances.values() if instance.state == "loading"
+            instance.id: self._slots_seen.get(instance.model.id, 1)
+            for instance in self.instances.values()
+            if instance.state == "loading"
         }
         for waiter in list(self._waiters):
             if self._processing >= self.config.server.concurrency:
@@ -415,6 +419,7 @@ class ModelPool:
         try:
             instance.engine_instance = engine_instance
             instance.slots = [Slot(instance, index) for index in range(engine_instance.slots)]
+            self._slots_seen[model.id] = len(instance.slots)
             await self._preload(instance)
             instance.state = "ready"
             self._retry_delay.pop(model.id, None)
