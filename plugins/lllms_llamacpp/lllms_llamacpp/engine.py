@@ -1,0 +1,568 @@
+"""The ``llamacpp`` engine: GGUF models through llama.cpp, with continuous batching.
+
+One instance is one model and one llama context holding ``parallel`` sequences
+(plus as many spare ones for the extra choices of ``n > 1`` and for extra prompts
+of a text completion). A scheduler thread per instance decodes them together
+(see :mod:`lllms_llamacpp.scheduler`). llama_cpp is imported only when an
+instance is created.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+import trio
+from msgspec import Meta
+
+from lllms_core.engine import ChunkSink, Device, Engine, EngineInstance, TaskContext, normalize_embedding
+from lllms_core.errors import ContextLengthExceededError, InvalidRequestError
+from lllms_core.schemas import (
+    ChatCompletionRequest,
+    CompletionChunk,
+    CompletionResult,
+    EmbeddingRequest,
+    EmbeddingResult,
+    NamedToolChoice,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    TextCompletionRequest,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from lllms_core.config import ModelConfig
+
+    from lllms_llamacpp.native import Model, SamplingParams
+    from lllms_llamacpp.scheduler import Job
+
+
+class LoraAdapter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str
+    scale: float = 1.0
+
+
+class LlamaCppOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Options of a llamacpp model, written flat in the model's table."""
+
+    parallel: Annotated[int, Meta(ge=1, le=64)] = 4
+    """Sequences (slots) one instance processes at once, batched together."""
+    batch_size: Annotated[int, Meta(ge=1)] = 512
+    """Most tokens decoded in one step (llama.cpp's n_batch)."""
+    ubatch_size: Annotated[int, Meta(ge=1)] = 512
+    """Physical batch size (llama.cpp's n_ubatch)."""
+    flash_attention: bool | None = None
+    """None: llama.cpp decides."""
+    mmap: bool = True
+    lora: list[LoraAdapter] = []
+    grammars: dict[str, str] = {}
+    """Named GBNF grammars that requests may name in ``grammar``."""
+    context_overflow: Literal["drop_oldest", "error"] = "drop_oldest"
+    """A prompt too long for the context: drop the oldest turns (text: the oldest tokens), or refuse."""
+    pooling: Literal["mean", "cls", "last"] | None = None
+    """Embedding pooling; default: the GGUF's pooling type, else mean."""
+    chat_template: str | None = None
+    """A Jinja chat template replacing the GGUF's own."""
+
+
+DEFAULT_CONTEXT_PER_SEQUENCE = 4096
+
+
+class LlamaCppInstance(EngineInstance):
+    model: "Model"
+
+    def info(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            "device": self.device_info,
+            "context_per_sequence": self.n_ctx_seq,
+            "kv_bytes_per_token": self.model.kv_bytes_per_token,
+        }
+        if self.scheduler is not None:
+            facts.update(self.scheduler.info())
+        return facts
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+        for context in (self.context, self.embed_context):
+            if context is not None:
+                context.close()
+        self.context = self.embed_context = None
+        self.model.close()
+
+    # --- prompts ----------------------------------------------------------------
+
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """Tokens of a rendered prompt: special tokens parsed, BOS added unless already there."""
+        model = self.model
+        bos_text = model.piece_text(model.bos) if model.bos >= 0 else ""
+        add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
+        return model.tokenize(text, add_special=add_bos, parse_special=True)
+
+    def embed(self, inputs: list[list[int]], pooling: str) -> list[list[float]]:
+        """Embeddings of token lists, several sequences per batch (runs in a thread)."""
+        import numpy as np
+
+        context = self.embed_context
+        vectors: list[list[float]] = []
+        start = 0
+        while start < len(inputs):
+            group, total = [], 0
+            while (
+                start + len(group) < len(inputs)
+                and len(group) < context.settings.n_seq
+                and total + len(inputs[start + len(group)]) <= context.n_batch
+            ):
+                total += len(inputs[start + len(group)])
+                group.append(inputs[start + len(group)])
+            context.clear()
+            context.clear_batch()
+            spans = []
+            for seq, tokens in enumerate(group):
+                first = context.batch.n_tokens
+                for position, token in enumerate(tokens):
+                    context.add(token, position, seq, True)
+                spans.append((first, len(tokens)))
+            if context.decode() != 0:
+                from lllms_core.errors import EngineError
+
+                raise EngineError("llama.cpp could not compute the embeddings")
+            for first, length in spans:
+                rows = np.stack([context.embeddings(first + offset) for offset in range(length)])
+                if pooling == "cls":
+                    vector = rows[0]
+                elif pooling == "last":
+                    vector = rows[-1]
+                else:
+                    vector = rows.mean(axis=0)
+                vectors.append(vector.astype(float).tolist())
+            start += len(group)
+        return vectors
+
+
+def options_of(model: "ModelConfig") -> LlamaCppOptions:
+    return model.options if isinstance(model.options, LlamaCppOptions) else LlamaCppOptions()
+
+
+def load_instance(model_config: "ModelConfig", path: str | os.PathLike, device: Device) -> LlamaCppInstance:
+    """Load a model and create its context (and scheduler); blocking."""
+    from lllms_llamacpp.chat import ChatTemplate
+    from lllms_llamacpp.native import Context, ContextSettings, Model
+    from lllms_llamacpp.scheduler import Scheduler
+
+    options = options_of(model_config)
+    gpu_layers = device.gpu_layers if device.gpu_layers is not None else (-1 if device.gpu else 0)
+    model = Model(str(path), gpu_layers=999 if gpu_layers < 0 else gpu_layers, mmap=options.mmap, mem_lock=device.mem_lock)
+    # one thread per physical core (about half the logical CPUs): ggml's threads spin, and
+    # oversubscribed they slow decoding down by an order of magnitude
+    threads = device.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
+    n_ctx_seq = model_config.context_size or min(model.n_ctx_train or DEFAULT_CONTEXT_PER_SEQUENCE, DEFAULT_CONTEXT_PER_SEQUENCE)
+    parallel = options.parallel
+    instance = LlamaCppInstance(slots=parallel, model=model, n_ctx_seq=n_ctx_seq, options=options,
+                                scheduler=None, context=None, embed_context=None, template=None)
+    instance.device_info = {
+        "gpu": device.gpu,
+        "name": device.name,
+        "gpu_layers": gpu_layers,
+        "cpu_threads": threads,
+        "mem_lock": device.mem_lock,
+    }
+    lora = [(adapter.path, adapter.scale) for adapter in options.lora]
+    try:
+        if model_config.task == "embedding":
+            instance.embed_context = Context(
+                model,
+                ContextSettings(n_ctx=n_ctx_seq, n_seq=parallel, n_batch=n_ctx_seq, n_ubatch=n_ctx_seq,
+                                threads=threads, flash_attention=options.flash_attention, embeddings=True),
+                lora,
+            )
+            return instance
+        spare = parallel
+        batch = max(options.batch_size, 2 * parallel)
+        instance.context = Context(
+            model,
+            ContextSettings(n_ctx=n_ctx_seq * parallel, n_seq=parallel + spare, n_batch=batch,
+                            n_ubatch=min(options.ubatch_size, batch), threads=threads,
+                            flash_attention=options.flash_attention),
+            lora,
+        )
+        instance.template = ChatTemplate(
+            options.chat_template or model.chat_template,
+            bos_token=model.piece_text(model.bos) if model.bos >= 0 else "",
+            eos_token=model.piece_text(model.eos) if model.eos >= 0 else "",
+        )
+        instance.scheduler = Scheduler(
+            model, instance.context, slots=parallel, spare=spare, n_ctx_seq=n_ctx_seq,
+            prompt_chunk=max(32, min(options.ubatch_size, batch) // 4),
+        )
+        instance.slot_states = instance.scheduler.sequences[:parallel]
+    except BaseException:
+        instance.close()
+        raise
+    return instance
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+    tasks = frozenset({"chat-completion", "text-completion", "embedding"})
+    default_task = "chat-completion"
+    options = LlamaCppOptions
+    capabilities = frozenset(
+        {
+            "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_window",
+            "frequency_penalty", "presence_penalty", "logit_bias", "seed", "grammar",
+            "n", "logprobs", "json_object", "json_schema", "tools", "echo", "suffix",
+            "token_prompt", "token_input", "pooling",
+        }
+    )
+
+    async def create_instance(self, model: "ModelConfig", prepared: Any, device: Device) -> EngineInstance:
+        location = prepared or model.location or model.file
+        if location is None:
+            raise InvalidRequestError(f"model {model.id!r} has no file to load")
+        return await trio.to_thread.run_sync(load_instance, model, Path(location), device)
+
+    async def dispose_instance(self, instance: EngineInstance) -> None:
+        await trio.to_thread.run_sync(instance.close)
+
+    # --- tasks ------------------------------------------------------------------
+
+    async def preload(self, context: TaskContext) -> None:
+        instance: LlamaCppInstance = context.instance
+        model = context.model
+        if instance.scheduler is None:
+            return
+        if model.task == "chat-completion" and model.initial_messages:
+            messages = [{"role": message.role, "content": message.content} for message in model.initial_messages]
+            text = instance.template.render(messages, tools=None, add_generation_prompt=False)
+            tokens = instance.tokenize_prompt(text)
+        elif model.prefix:
+            tokens = instance.tokenize_prompt(model.prefix)
+        else:
+            return
+        from lllms_llamacpp.scheduler import Job
+
+        job = Job(prompt=tokens[: instance.n_ctx_seq - 1], seq=context.slot, sampler=None, max_new=0,
+                  evaluate_only=True, fresh=context.fresh)
+        await self._run(instance, [job], None)
+
+    async def chat_completion(
+        self, context: TaskContext, request: ChatCompletionRequest, sink: ChunkSink
+    ) -> CompletionResult:
+        from lllms_llamacpp.chat import prepare_messages, tool_definitions
+        from lllms_llamacpp.grammars import tool_call_grammar
+
+        instance: LlamaCppInstance = context.instance
+        options = instance.options
+        template = instance.template
+        use_tools = bool(request.tools) and request.tool_choice != "none"
+        tools = tool_definitions(request.tools) if use_tools else None
+        grammar = self._grammar(request, options)
+        if use_tools and (request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)):
+            if grammar is not None:
+                raise InvalidRequestError("a forced tool call cannot be combined with grammar or response_format",
+                                          param="tool_choice")
+            functions = [tool.function for tool in request.tools]
+            if isinstance(request.tool_choice, NamedToolChoice):
+                functions = [f for f in functions if f.name == request.tool_choice.function.name]
+                if not functions:
+                    raise InvalidRequestError(
+                        f"tool_choice names the function {request.tool_choice.function.name!r}, which is not in tools",
+                        param="tool_choice",
+                    )
+            grammar = tool_call_grammar(
+                [(f.name, f.parameters if f.parameters is not msgspec.UNSET else {}) for f in functions],
+                parallel=request.parallel_tool_calls is not False and not isinstance(request.tool_choice, NamedToolChoice),
+            )
+        messages, prefill = prepare_messages(request.messages, template, tools)
+        template_tools = tools if template.knows_tools else None
+
+        def tokens_of(turns: list[dict]) -> list[int]:
+            text = template.render(turns, tools=template_tools, add_generation_prompt=True)
+            return instance.tokenize_prompt(text + (prefill or ""))
+
+        prompt = self._fit_chat(instance, messages, tokens_of, request.token_limit)
+        known = {tool.function.name for tool in request.tools} if use_tools else None
+        return await self._complete(context, request, sink, [prompt], grammar, known, echo=[None])
+
+    async def text_completion(
+        self, context: TaskContext, request: TextCompletionRequest, sink: ChunkSink
+    ) -> CompletionResult:
+        instance: LlamaCppInstance = context.instance
+        model = instance.model
+        grammar = self._grammar(request, instance.options)
+        prompts, echoes = [], []
+        for prompt in request.prompts:
+            if isinstance(prompt, str):
+                text = prompt
+                if request.suffix:
+                    tokens = self._infill(instance, prompt, request.suffix)
+                else:
+                    tokens = instance.tokenize_prompt(prompt) if prompt else [model.bos if model.bos >= 0 else model.eos]
+            else:
+                model.check_tokens(prompt, "prompt")
+                if not prompt:
+                    raise InvalidRequestError("a token prompt must not be empty", param="prompt")
+                if request.suffix:
+                    raise self.unsupported("suffix", "a suffix with a token prompt")
+                tokens, text = list(prompt), model.detokenize(prompt)
+            prompts.append(self._fit_text(instance, tokens, request.token_limit))
+            echoes.append(text if request.echo else None)
+        return await self._complete(context, request, sink, prompts, grammar, None, echo=echoes)
+
+    async def embedding(self, context: TaskContext, request: EmbeddingRequest) -> EmbeddingResult:
+        instance: LlamaCppInstance = context.instance
+        model = instance.model
+        if instance.embed_context is None:
+            raise InvalidRequestError(f"model {context.model.id!r} is not configured for embeddings", param="model")
+        token_lists = []
+        for item in request.inputs:
+            if isinstance(item, str):
+                tokens = model.tokenize(item, add_special=True, parse_special=False)
+            else:
+                model.check_tokens(item, "input")
+                tokens = list(item)
+            if not tokens:
+                raise InvalidRequestError("an input must not be empty", param="input")
+            if len(tokens) > instance.n_ctx_seq:
+                raise ContextLengthExceededError(
+                    f"an input has {len(tokens)} tokens; this model embeds at most {instance.n_ctx_seq}", param="input"
+                )
+            token_lists.append(tokens)
+        if request.dimensions is not None and request.dimensions > model.n_embd:
+            raise InvalidRequestError(
+                f"dimensions ({request.dimensions}) exceeds the model's {model.n_embd}", param="dimensions"
+            )
+        pooling = request.pooling or instance.options.pooling or model.pooling or "mean"
+        vectors = await trio.to_thread.run_sync(instance.embed, token_lists, pooling, limiter=instance.limiter)
+        return EmbeddingResult(
+            embeddings=[normalize_embedding(vector, request.dimensions) for vector in vectors],
+            prompt_tokens=sum(len(tokens) for tokens in token_lists),
+        )
+
+    # --- helpers ----------------------------------------------------------------
+
+    def _grammar(self, request: Any, options: LlamaCppOptions) -> str | None:
+        from lllms_llamacpp.grammars import json_object_grammar, schema_grammar
+
+        response_format = getattr(request, "response_format", None)
+        structured = isinstance(response_format, (ResponseFormatJsonObject, ResponseFormatJsonSchema))
+        if request.grammar is not None:
+            if structured:
+                raise InvalidRequestError("grammar and a JSON response_format cannot be combined", param="grammar")
+            if request.grammar in options.grammars:
+                return options.grammars[request.grammar]
+            if "::=" not in request.grammar:
+                raise InvalidRequestError(f"grammar {request.grammar!r} not found", param="grammar")
+            return request.grammar
+        if isinstance(response_format, ResponseFormatJsonObject):
+            return json_object_grammar()
+        if isinstance(response_format, ResponseFormatJsonSchema):
+            schema = response_format.json_schema.schema
+            return schema_grammar(schema if schema is not msgspec.UNSET else {}, param="response_format")
+        return None
+
+    def _fit_chat(self, instance: LlamaCppInstance, messages: list[dict], tokens_of, token_limit: int | None) -> list[int]:
+        """Render the conversation so that it fits one sequence's context, following the
+        model's ``context_overflow`` policy."""
+        n_ctx = instance.n_ctx_seq
+        tokens = tokens_of(messages)
+        if instance.options.context_overflow == "error":
+            self._check_fits(len(tokens), token_limit, n_ctx)
+            return tokens
+        target = n_ctx - min(token_limit or n_ctx // 4, n_ctx // 2)
+        turns = list(messages)
+        first = 1 if turns and turns[0]["role"] == "system" else 0
+        while len(tokens) > target and len(turns) - first > 1:
+            del turns[first]
+            while len(turns) - first > 1 and turns[first]["role"] != "user":
+                del turns[first]
+            tokens = tokens_of(turns)
+        if len(tokens) >= n_ctx:
+            raise ContextLengthExceededError(
+                f"the prompt has {len(tokens)} tokens after dropping old turns; the context holds {n_ctx}",
+                param="messages",
+            )
+        return tokens
+
+    def _fit_text(self, instance: LlamaCppInstance, tokens: list[int], token_limit: int | None) -> list[int]:
+        n_ctx = instance.n_ctx_seq
+        if instance.options.context_overflow == "error":
+            self._check_fits(len(tokens), token_limit, n_ctx, param="prompt")
+            return tokens
+        if len(tokens) < n_ctx:
+            return tokens
+        keep = n_ctx - min(token_limit or n_ctx // 4, n_ctx // 2)
+        model = instance.model
+        head = tokens[:1] if tokens[0] == model.bos and model.bos >= 0 else []
+        return head + tokens[len(tokens) - keep + len(head) :]
+
+    @staticmethod
+    def _check_fits(prompt: int, token_limit: int | None, n_ctx: int, param: str = "messages") -> None:
+        wanted = prompt + (token_limit or 1)
+        if wanted > n_ctx:
+            detail = f" and {token_limit} for the completion" if token_limit else ""
+            raise ContextLengthExceededError(
+                f"this model's context holds {n_ctx} tokens; the request needs {prompt} for the prompt{detail}",
+                param=param,
+            )
+
+    def _infill(self, instance: LlamaCppInstance, prompt: str, suffix: str) -> list[int]:
+        model = instance.model
+        if not model.has_fim:
+            raise self.unsupported("suffix", "a suffix: this model has no fill-in-the-middle tokens")
+        prefix_id, suffix_id, middle_id = model.fim
+        head = [model.bos] if model.add_bos and model.bos >= 0 else []
+        return (
+            head
+            + [prefix_id]
+            + model.tokenize(prompt, add_special=False, parse_special=False)
+            + [suffix_id]
+            + model.tokenize(suffix, add_special=False, parse_special=False)
+            + [middle_id]
+        )
+
+    def _sampling(self, instance: LlamaCppInstance, request: Any, grammar: str | None) -> "SamplingParams":
+        from lllms_llamacpp.native import SamplingParams
+
+        params = SamplingParams(grammar=grammar)
+        for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty"):
+            value = getattr(request, name)
+            if value is not None:
+                setattr(params, name, value)
+        window = request.repeat_window
+        if window is not None:
+            params.repeat_window = instance.n_ctx_seq if window == -1 else window
+        if request.logit_bias:
+            params.logit_bias = self._logit_bias(instance.model, request.logit_bias)
+        return params
+
+    @staticmethod
+    def _logit_bias(model: "Model", biases: dict[str, float]) -> dict[int, float]:
+        result: dict[int, float] = {}
+        for key, value in biases.items():
+            bias = -math.inf if value <= -100 else float(value)
+            if key.strip().lstrip("-").isdigit():
+                tokens = [int(key)]
+                model.check_tokens(tokens, "logit_bias")
+            else:
+                tokens = model.tokenize(key, add_special=False, parse_special=False)
+            for token in tokens:
+                result[token] = bias
+        return result
+
+    async def _complete(
+        self,
+        context: TaskContext,
+        request: Any,
+        sink: ChunkSink,
+        prompts: list[list[int]],
+        grammar: str | None,
+        tool_names: set[str] | None,
+        echo: list[str | None],
+    ) -> CompletionResult:
+        """Generate ``n`` choices for each prompt, as parallel sequences."""
+        from lllms_llamacpp.chat import ToolCallParser
+        from lllms_llamacpp.native import Sampler
+        from lllms_llamacpp.scheduler import Job, TextStream
+
+        instance: LlamaCppInstance = context.instance
+        model = instance.model
+        params = self._sampling(instance, request, grammar)
+        seed = request.seed if request.seed is not None else random.getrandbits(32)
+        logprobs = request.logprobs
+        if isinstance(logprobs, bool) or logprobs is None:
+            top = (request.top_logprobs or 0) if logprobs or getattr(request, "top_logprobs", None) else None
+        else:
+            top = logprobs
+        choices = request.choices
+        jobs: list[Job] = []
+        try:
+            for number, prompt in enumerate(prompts):
+                first: Job | None = None
+                for choice in range(choices):
+                    index = number * choices + choice
+                    job = Job(
+                        prompt=prompt,
+                        seq=context.slot if index == 0 else None,
+                        sampler=Sampler(model, params, seed + index),
+                        max_new=min(request.token_limit or math.inf, instance.n_ctx_seq - len(prompt)),
+                        index=index,
+                        top_logprobs=top,
+                        stream=TextStream(model, request.stop_list),
+                        after=first,
+                        fresh=context.fresh and index == 0,
+                    )
+                    first = first or job
+                    jobs.append(job)
+        except BaseException:
+            for job in jobs:
+                job.sampler.close()
+            raise
+        for job in jobs:
+            text = echo[job.index // choices]
+            if text:
+                sink.send_nowait(CompletionChunk(index=job.index, text=text))
+        parsers = {job.index: ToolCallParser() for job in jobs} if tool_names else {}
+
+        def on_chunk(index: int, text: str, token_logprobs: list | None) -> None:
+            if parsers:
+                text = parsers[index].push(text)
+            if text or token_logprobs:
+                sink.send_nowait(CompletionChunk(index=index, text=text, logprobs=token_logprobs))
+
+        results = await self._run(instance, jobs, on_chunk)
+        finish_reasons = []
+        usage = Usage()
+        for job in jobs:
+            reason, (prompt_tokens, completion_tokens, cached) = results[job.index]
+            if job.after is None:
+                usage.prompt_tokens += prompt_tokens
+                usage.cached_tokens += cached
+            usage.completion_tokens += completion_tokens
+            if parsers:
+                text, deltas = parsers[job.index].finish(tool_names)
+                if text:
+                    sink.send_nowait(CompletionChunk(index=job.index, text=text))
+                if deltas:
+                    sink.send_nowait(CompletionChunk(index=job.index, tool_calls=deltas))
+                    reason = "tool_calls"
+            finish_reasons.append(reason)
+        await trio.lowlevel.checkpoint()
+        return CompletionResult(finish_reasons=finish_reasons, usage=usage)
+
+    async def _run(self, instance: LlamaCppInstance, jobs: list["Job"], on_chunk) -> dict[int, tuple]:
+        """Hand jobs to the scheduler and pass their events on until all are done. A
+        cancelled caller cancels its jobs: the scheduler drops them at its next step."""
+        from lllms_llamacpp.scheduler import Delivery
+
+        delivery = Delivery()
+        for job in jobs:
+            job.delivery = delivery
+        results: dict[int, tuple] = {}
+        error = None
+        instance.scheduler.submit(jobs)
+        try:
+            while len(results) < len(jobs) and error is None:
+                for kind, index, first, second in await delivery.receive.receive():
+                    if kind == "chunk":
+                        on_chunk(index, first, second)
+                    elif kind == "done":
+                        results[index] = (first, second)
+                    else:
+                        error = error or first
+                        results[index] = ("error", None)
+        except BaseException:
+            instance.scheduler.cancel(jobs)
+            raise
+        finally:
+            delivery.send.close()
+        if error is not None:
+            instance.scheduler.cancel(jobs)
+            raise error
+        return results

@@ -1,0 +1,342 @@
+"""Thin wrappers over llama.cpp's C API (through llama_cpp's ctypes bindings).
+
+This module imports llama_cpp at its top, so only the engine's methods import it,
+never the package itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+from lllms_core.errors import InvalidRequestError, ModelLoadError
+
+log = logging.getLogger("lllms.llamacpp")
+
+POOLING_NAMES = {1: "mean", 2: "cls", 3: "last"}
+
+
+native_log = logging.getLogger("lllms.llamacpp.native")
+# ggml's levels: 1 debug, 2 info, 3 warning, 4 error, 5 continuation of the previous line
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data) -> None:
+    python_level = _LOG_LEVELS.get(level, _last_level[0])
+    _last_level[0] = python_level
+    if native_log.isEnabledFor(python_level):
+        message = text.decode("utf-8", "replace").rstrip()
+        if message:
+            native_log.log(python_level, "%s", message)
+
+
+def quiet_llama_logs() -> None:
+    """Route llama.cpp's own log (every load detail, on stderr) to Python logging, where
+    load details are debug messages."""
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+class Model:
+    """A loaded GGUF model and its vocabulary (read-only, so usable from any thread)."""
+
+    def __init__(self, path: str, *, gpu_layers: int, mmap: bool, mem_lock: bool):
+        quiet_llama_logs()
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        params.use_mmap = mmap
+        params.use_mlock = mem_lock
+        if not os.path.exists(path):
+            raise ModelLoadError(f"model file {path!r} does not exist")
+        self.pointer = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not self.pointer:
+            raise ModelLoadError(f"llama.cpp could not load {path!r} (not a GGUF model it supports?)")
+        self.path = path
+        self.vocab = llama_cpp.llama_model_get_vocab(self.pointer)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.pointer)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.pointer)
+        self.metadata = self._read_metadata()
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self.fim = tuple(
+            getter(self.vocab)
+            for getter in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf, llama_cpp.llama_vocab_fim_mid)
+        )
+        self._pieces: dict[int, bytes] = {}
+        self._eog = np.array([bool(llama_cpp.llama_vocab_is_eog(self.vocab, t)) for t in range(self.n_vocab)])
+        n_layer = llama_cpp.llama_model_n_layer(self.pointer)
+        n_head = max(1, llama_cpp.llama_model_n_head(self.pointer))
+        n_head_kv = llama_cpp.llama_model_n_head_kv(self.pointer)
+        # keys and values, f16, per layer: what one token of one sequence holds in the KV cache
+        self.kv_bytes_per_token = 2 * 2 * n_layer * (self.n_embd // n_head) * n_head_kv
+
+    def _read_metadata(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        size = 4096
+        buffer = ctypes.create_string_buffer(size)
+        for index in range(llama_cpp.llama_model_meta_count(self.pointer)):
+            llama_cpp.llama_model_meta_key_by_index(self.pointer, index, buffer, size)
+            key = buffer.value.decode("utf-8", "replace")
+            if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "scores", "token_type", "merges")):
+                continue
+            needed = llama_cpp.llama_model_meta_val_str_by_index(self.pointer, index, buffer, size)
+            if needed >= size:
+                big = ctypes.create_string_buffer(needed + 1)
+                llama_cpp.llama_model_meta_val_str_by_index(self.pointer, index, big, needed + 1)
+                values[key] = big.value.decode("utf-8", "replace")
+            else:
+                values[key] = buffer.value.decode("utf-8", "replace")
+        return values
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata.get("general.architecture", "")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def pooling(self) -> str | None:
+        value = self.metadata.get(f"{self.architecture}.pooling_type")
+        return POOLING_NAMES.get(int(value)) if value and value.lstrip("-").isdigit() else None
+
+    @property
+    def has_fim(self) -> bool:
+        return all(token >= 0 for token in self.fim)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._eog[token])
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if count < 0:
+            capacity = -count
+            tokens = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        return list(tokens[:count])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a generated token stands for (control tokens render as nothing)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 64, 0, False)
+            if count < 0:
+                buffer = ctypes.create_string_buffer(-count)
+                count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -count, 0, False)
+            piece = self._pieces[token] = buffer.raw[:count]
+        return piece
+
+    def piece_text(self, token: int) -> str:
+        """The text of a token, special tokens included (``<|im_start|>``...)."""
+        buffer = ctypes.create_string_buffer(256)
+        count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 256, 0, True)
+        return buffer.raw[: max(count, 0)].decode("utf-8", "replace")
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(token) for token in tokens).decode("utf-8", "replace")
+
+    def check_tokens(self, tokens: list[int], param: str) -> None:
+        for token in tokens:
+            if not 0 <= token < self.n_vocab:
+                raise InvalidRequestError(f"token id {token} is outside the vocabulary (0..{self.n_vocab - 1})", param=param)
+
+    def close(self) -> None:
+        if self.pointer:
+            llama_cpp.llama_model_free(self.pointer)
+            self.pointer = None
+
+
+@dataclass
+class ContextSettings:
+    n_ctx: int
+    n_seq: int
+    n_batch: int
+    n_ubatch: int
+    threads: int
+    flash_attention: bool | None = None
+    embeddings: bool = False
+
+
+class Context:
+    """A llama context with its memory (KV cache) and one reusable batch."""
+
+    def __init__(self, model: Model, settings: ContextSettings, lora: list[tuple[str, float]] = ()):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.n_ctx
+        params.n_batch = settings.n_batch
+        params.n_ubatch = settings.n_ubatch
+        params.n_seq_max = settings.n_seq
+        params.n_threads = settings.threads
+        params.n_threads_batch = settings.threads
+        params.kv_unified = True
+        params.no_perf = True
+        params.embeddings = settings.embeddings
+        if settings.embeddings:
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        params.flash_attn_type = {
+            None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[settings.flash_attention]
+        self.model = model
+        self.settings = settings
+        self.pointer = llama_cpp.llama_init_from_model(model.pointer, params)
+        if not self.pointer:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context of {settings.n_ctx} tokens for {model.path!r} (out of memory?)"
+            )
+        self.memory = llama_cpp.llama_get_memory(self.pointer)
+        self.n_batch = llama_cpp.llama_n_batch(self.pointer)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.adapters = [self._load_lora(path) for path, _ in lora]
+        if self.adapters:
+            array = (llama_cpp.llama_adapter_lora_p_ctypes * len(self.adapters))(*self.adapters)
+            scales = (ctypes.c_float * len(lora))(*(scale for _, scale in lora))
+            llama_cpp.llama_set_adapters_lora(self.pointer, array, len(self.adapters), scales)
+
+    def _load_lora(self, path: str):
+        adapter = llama_cpp.llama_adapter_lora_init(self.model.pointer, path.encode())
+        if not adapter:
+            self.close()
+            raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {path!r}")
+        return adapter
+
+    # --- batch ------------------------------------------------------------------
+
+    def clear_batch(self) -> None:
+        self.batch.n_tokens = 0
+
+    def add(self, token: int, position: int, seq: int, logits: bool) -> int:
+        """Add a token to the batch; returns its index (for sampling its logits)."""
+        batch = self.batch
+        index = batch.n_tokens
+        batch.token[index] = token
+        batch.pos[index] = position
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = seq
+        batch.logits[index] = logits
+        batch.n_tokens = index + 1
+        return index
+
+    def decode(self) -> int:
+        return llama_cpp.llama_decode(self.pointer, self.batch)
+
+    def logits(self, index: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self.pointer, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab,))
+
+    def embeddings(self, index: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_embeddings_ith(self.pointer, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_embd,)).copy()
+
+    # --- memory -----------------------------------------------------------------
+
+    def remove(self, seq: int, start: int = 0) -> bool:
+        """Drop the positions ``start..`` of a sequence; False when it cannot keep a part."""
+        if not self.memory:
+            return True
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq, start, -1))
+
+    def copy(self, source: int, target: int, length: int) -> None:
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, 0, length)
+
+    def clear(self) -> None:
+        if self.memory:
+            llama_cpp.llama_memory_clear(self.memory, False)
+
+    def close(self) -> None:
+        for adapter in self.adapters:
+            llama_cpp.llama_adapter_lora_free(adapter)
+        self.adapters = []
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+        if self.pointer:
+            llama_cpp.llama_free(self.pointer)
+            self.pointer = None
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_window: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    grammar: str | None = None
+
+
+class Sampler:
+    """A native llama.cpp sampler chain; freed by whoever ends the generation."""
+
+    def __init__(self, model: Model, params: SamplingParams, seed: int):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self.pointer = chain
+        add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if params.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))()
+            for slot, (token, bias) in enumerate(params.logit_bias.items()):
+                biases[slot].token = token
+                biases[slot].bias = bias
+            add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(params.logit_bias), biases))
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    model.n_vocab,
+                    params.repeat_window,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                )
+            )
+        if params.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                self.close()
+                raise InvalidRequestError("the grammar is not valid GBNF (or has no `root` rule)", param="grammar")
+            add(grammar)
+        if params.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1:
+            add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(params.temperature))
+        add(llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def sample(self, context: Context, index: int) -> int:
+        """Sample the token at batch ``index`` (llama.cpp also accepts it into the chain)."""
+        return llama_cpp.llama_sampler_sample(self.pointer, context.pointer, index)
+
+    def close(self) -> None:
+        if self.pointer:
+            llama_cpp.llama_sampler_free(self.pointer)
+            self.pointer = None
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - math.log(float(np.exp(shifted).sum()))

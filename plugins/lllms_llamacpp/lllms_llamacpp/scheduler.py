@@ -1,0 +1,396 @@
+"""Continuous batching: one thread per instance decodes all its sequences together.
+
+Each step builds one llama batch holding the next token of every generating
+sequence and chunks of the prompts still to evaluate, decodes it once, then
+samples every sequence that needs a token with its own native sampler chain.
+Requests join and leave between steps. The scheduler owns the llama context: no
+other thread touches it.
+
+Hand-off to trio: per step, the scheduler groups the events of each request and
+schedules one callback per request with ``TrioToken.run_sync_soon``, which never
+blocks the scheduler (``trio.from_thread.run_sync`` would wait for the trio loop
+at every token of every sequence).
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from lllms_core.engine import StopStringFilter
+from lllms_core.errors import EngineError, LllmsError
+from lllms_core.schemas import TokenLogprob, TopLogprob
+
+from lllms_llamacpp.native import Context, Model, Sampler, log_softmax
+
+log = logging.getLogger("lllms.llamacpp")
+
+
+class SequenceState:
+    """What one sequence of the context holds: the tokens in its KV cache."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    def __repr__(self) -> str:
+        return f"SequenceState(tokens={len(self.tokens)})"
+
+
+class Delivery:
+    """The trio side of a request: a channel its jobs' events go to."""
+
+    def __init__(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.send, self.receive = trio.open_memory_channel(math.inf)
+
+    def deliver(self, events: list[tuple]) -> None:
+        try:
+            self.send.send_nowait(events)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the request is gone (cancelled)
+
+
+class TextStream:
+    """Turns sampled tokens into text: UTF-8 across tokens, stop strings held back."""
+
+    def __init__(self, model: Model, stops: list[str]):
+        self.model = model
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.filter = StopStringFilter(stops)
+
+    def push(self, token: int) -> tuple[str, bool]:
+        return self.filter.push(self.decoder.decode(self.model.piece(token)))
+
+    def flush(self) -> str:
+        text, _ = self.filter.push(self.decoder.decode(b"", final=True))
+        return text + self.filter.flush()
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence's work: evaluate a prompt, then (unless ``evaluate_only``) generate."""
+
+    prompt: list[int]
+    seq: int | None
+    """The sequence to use; None for a choice that takes a spare sequence."""
+    sampler: Sampler | None
+    max_new: int
+    index: int = 0
+    top_logprobs: int | None = None
+    """None: no logprobs; else how many alternatives per token."""
+    stream: TextStream | None = None
+    after: "Job | None" = None
+    """Start once this job's prompt is evaluated, copying its prompt from that sequence."""
+    evaluate_only: bool = False
+    fresh: bool = False
+    delivery: Delivery | None = None
+    # progress, owned by the scheduler thread
+    pending: list[int] = field(default_factory=list)
+    prompt_done: bool = False
+    next_token: int | None = None
+    generated: int = 0
+    cached: int = 0
+    cancelled: bool = False
+    finished: bool = False
+
+
+class Scheduler:
+    """The decode loop of one instance, in a thread of its own."""
+
+    def __init__(self, model: Model, context: Context, *, slots: int, spare: int, n_ctx_seq: int, prompt_chunk: int):
+        self.model = model
+        self.context = context
+        self.slots = slots
+        self.n_ctx_seq = n_ctx_seq
+        self.prompt_chunk = prompt_chunk
+        self.sequences = [SequenceState() for _ in range(slots + spare)]
+        self.spare = list(range(slots, slots + spare))
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting: list[Job] = []
+        self.active: list[Job] = []
+        self.busy: set[int] = set()
+        self.outbox: dict[Delivery, list[tuple]] = {}
+        self.steps = 0
+        self.decoded_tokens = 0
+        self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
+        self.thread.start()
+
+    # --- called from trio ---------------------------------------------------------
+
+    def submit(self, jobs: list[Job]) -> None:
+        self.inbox.put(("submit", jobs))
+
+    def cancel(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.cancelled = True
+        self.inbox.put(("cancel", jobs))
+
+    def stop(self) -> None:
+        self.inbox.put(("stop", None))
+        self.thread.join()
+
+    # --- the loop -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            idle = not self.active and not self.waiting
+            try:
+                command, jobs = self.inbox.get(block=idle)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command == "stop":
+                    self._fail_all(EngineError("the model instance was disposed"))
+                    self._flush()
+                    return
+                if command == "submit":
+                    self.waiting.extend(jobs)
+                try:
+                    command, jobs = self.inbox.get_nowait()
+                except queue.Empty:
+                    command = None
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self.active:
+                    self._step()
+            except Exception as error:  # a bug or a native failure must not stop the instance
+                log.exception("llama.cpp scheduler step failed")
+                self._fail_all(EngineError(f"llama.cpp failed: {error}"), reset=True)
+            self._flush()
+
+    def _drop_cancelled(self) -> None:
+        for job in [job for job in self.waiting if job.cancelled]:
+            self.waiting.remove(job)
+            self._release(job)
+        for job in [job for job in self.active if job.cancelled]:
+            self._end(job)
+
+    def _admit(self) -> None:
+        for job in list(self.waiting):
+            if job.after is not None and not (job.after.prompt_done or job.after.finished):
+                continue
+            if job.seq is None:
+                free = [seq for seq in self.spare if seq not in self.busy]
+                if not free:
+                    continue
+                job.seq = free[0]
+            elif job.seq in self.busy:
+                continue
+            self.waiting.remove(job)
+            self.busy.add(job.seq)
+            self._reuse_prefix(job)
+            self.active.append(job)
+
+    def _reuse_prefix(self, job: Job) -> None:
+        """Keep the longest common token prefix of the prompt with this sequence, or copy a
+        longer one from another sequence; the rest of the prompt is left to evaluate."""
+        seq, prompt, context = job.seq, job.prompt, self.context
+        state = self.sequences[seq]
+        if job.fresh:
+            context.remove(seq)
+            state.tokens = []
+        limit = len(prompt) if job.evaluate_only else len(prompt) - 1  # the last token gives the logits
+        own = min(common_prefix(state.tokens, prompt), limit)
+        source, best = seq, own
+        for other, other_state in enumerate(self.sequences):
+            if other != seq:
+                length = min(common_prefix(other_state.tokens, prompt), limit)
+                if length > best:
+                    source, best = other, length
+        if source != seq:
+            context.remove(seq)
+            context.copy(source, seq, best)
+            state.tokens = prompt[:best]
+        elif not context.remove(seq, own):
+            context.remove(seq)
+            best = 0
+        state.tokens = prompt[:best]
+        job.cached = best
+        job.pending = prompt[best:]
+        if not job.pending:
+            job.prompt_done = True
+
+    def _step(self) -> None:
+        context = self.context
+        context.clear_batch()
+        outputs: list[tuple[Job, int]] = []
+        chunks: list[tuple[Job, list[int]]] = []
+        generating = [job for job in self.active if job.prompt_done and job.next_token is not None]
+        for job in generating:
+            state = self.sequences[job.seq]
+            outputs.append((job, context.add(job.next_token, len(state.tokens), job.seq, True)))
+            chunks.append((job, [job.next_token]))
+        budget = context.n_batch - len(generating)
+        if generating:
+            budget = min(budget, self.prompt_chunk)
+        for job in self.active:
+            if job.prompt_done or budget <= 0:
+                continue
+            chunk = job.pending[:budget]
+            budget -= len(chunk)
+            start = len(self.sequences[job.seq].tokens)
+            completes = len(chunk) == len(job.pending)
+            for offset, token in enumerate(chunk):
+                last = completes and offset == len(chunk) - 1 and not job.evaluate_only
+                index = context.add(token, start + offset, job.seq, last)
+            if completes and not job.evaluate_only:
+                outputs.append((job, index))
+            chunks.append((job, chunk))
+        for job in [job for job in self.active if job.prompt_done and job.evaluate_only]:
+            self._finish(job, "stop")
+        if not chunks:
+            return
+        status = context.decode()
+        if status == 1 and self._evict_idle():
+            status = context.decode()
+        if status != 0:
+            self._decode_failed(status, [job for job, _ in chunks])
+            return
+        self.steps += 1
+        self.decoded_tokens += context.batch.n_tokens
+        for job, tokens in chunks:
+            self.sequences[job.seq].tokens.extend(tokens)
+            if not job.prompt_done:
+                job.pending = job.pending[len(tokens) :]
+                if not job.pending:
+                    job.prompt_done = True
+                    if job.evaluate_only:
+                        self._finish(job, "stop")
+        for job, index in outputs:
+            self._sample(job, index)
+
+    def _sample(self, job: Job, index: int) -> None:
+        token = job.sampler.sample(self.context, index)
+        logprobs = self._logprobs(job, index, token) if job.top_logprobs is not None else None
+        if self.model.is_eog(token):
+            self._finish(job, "stop")
+            return
+        job.generated += 1
+        text, stopped = job.stream.push(token)
+        if text or logprobs:
+            self._emit(job, ("chunk", job.index, text, logprobs))
+        if stopped:
+            self._finish(job, "stop")
+        elif job.generated >= job.max_new:
+            self._finish(job, "length")
+        else:
+            job.next_token = token
+
+    def _logprobs(self, job: Job, index: int, token: int) -> list[TokenLogprob]:
+        logprobs = log_softmax(self.context.logits(index).astype("float64"))
+        top: list[TopLogprob] = []
+        if job.top_logprobs:
+            best = logprobs.argpartition(-job.top_logprobs)[-job.top_logprobs :]
+            best = best[logprobs[best].argsort()[::-1]]
+            top = [self._top(int(candidate), float(logprobs[candidate])) for candidate in best]
+        chosen = self._top(token, float(logprobs[token]))
+        return [TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes, top_logprobs=top)]
+
+    def _top(self, token: int, logprob: float) -> TopLogprob:
+        piece = self.model.piece(token)
+        return TopLogprob(token=piece.decode("utf-8", "replace"), logprob=logprob, bytes=list(piece))
+
+    def _finish(self, job: Job, reason: str) -> None:
+        if job.finished:
+            return
+        rest = job.stream.flush() if job.stream is not None else ""
+        if rest:
+            self._emit(job, ("chunk", job.index, rest, None))
+        self._emit(job, ("done", job.index, reason, (len(job.prompt), job.generated, job.cached)))
+        self._end(job)
+
+    def _end(self, job: Job) -> None:
+        job.finished = True
+        if job in self.active:
+            self.active.remove(job)
+        self.busy.discard(job.seq)
+        if job.seq is not None and job.seq >= self.slots:
+            self.context.remove(job.seq)
+            self.sequences[job.seq].tokens = []
+        self._release(job)
+
+    def _release(self, job: Job) -> None:
+        job.finished = True
+        if job.sampler is not None:
+            job.sampler.close()
+            job.sampler = None
+
+    def _evict_idle(self) -> bool:
+        """Free the KV cells of sequences no job uses; True when something was freed."""
+        freed = False
+        for seq, state in enumerate(self.sequences):
+            if seq not in self.busy and state.tokens:
+                self.context.remove(seq)
+                state.tokens = []
+                freed = True
+        return freed
+
+    def _decode_failed(self, status: int, jobs: list[Job]) -> None:
+        if status == 1:
+            error: LllmsError = EngineError("the model's context memory is full; retry the request")
+        else:
+            error = EngineError(f"llama.cpp could not decode the batch (status {status})")
+        for job in jobs:
+            if status != 1:  # the memory of the batch's sequences is unknown now
+                self.context.remove(job.seq)
+                self.sequences[job.seq].tokens = []
+            if job.prompt_done:
+                self._finish(job, "length")
+            else:
+                self._fail(job, error)
+
+    def _fail(self, job: Job, error: LllmsError) -> None:
+        self._emit(job, ("error", job.index, error, None))
+        self._end(job)
+
+    def _fail_all(self, error: LllmsError, reset: bool = False) -> None:
+        for job in list(self.active):
+            if reset:
+                self.context.remove(job.seq)
+                self.sequences[job.seq].tokens = []
+            self._fail(job, error)
+        for job in self.waiting:
+            self._emit(job, ("error", job.index, error, None))
+            self._release(job)
+        self.waiting = []
+
+    def _emit(self, job: Job, event: tuple) -> None:
+        if job.delivery is not None and not job.cancelled:
+            self.outbox.setdefault(job.delivery, []).append(event)
+
+    def _flush(self) -> None:
+        for delivery, events in self.outbox.items():
+            try:
+                delivery.token.run_sync_soon(delivery.deliver, events)
+            except trio.RunFinishedError:
+                pass
+        self.outbox = {}
+
+    def info(self) -> dict[str, Any]:
+        per_token = self.model.kv_bytes_per_token
+        return {
+            "sequences": [
+                {"sequence": seq, "tokens": len(state.tokens), "kv_bytes": len(state.tokens) * per_token}
+                for seq, state in enumerate(self.sequences)
+            ],
+            "active_sequences": len(self.active),
+            "waiting_jobs": len(self.waiting),
+            "decode_steps": self.steps,
+            "decoded_tokens": self.decoded_tokens,
+        }
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    length = min(len(a), len(b))
+    for position in range(length):
+        if a[position] != b[position]:
+            return position
+    return length
