@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 from typing import Any
 
@@ -43,7 +44,7 @@ from lllms_core.server import ModelServer
 
 log = logging.getLogger("lllms.http")
 
-TRIO_REQUIRED = "lllms needs hypercorn's trio worker: start it with `hypercorn -k trio lllms_core.app:app`"
+TRIO_REQUIRED = "needs hypercorn's trio worker: start it with `hypercorn -k trio lllms_core.app:app`"
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 OPEN_PATHS = frozenset({"/health"})
 """Paths served without an API key."""
@@ -135,12 +136,16 @@ class LllmsApp(QuartTrio):
 
 
 async def refuse_without_trio(scope, receive, send) -> None:
-    """Under an asyncio worker: fail the start-up with one line saying what to do."""
-    if scope["type"] == "lifespan":
-        await receive()
-        await send({"type": "lifespan.startup.failed", "message": TRIO_REQUIRED})
-        return
-    raise RuntimeError(TRIO_REQUIRED)
+    """Under an asyncio worker: stop the start-up with one line saying what to do."""
+    exit_at_startup(TRIO_REQUIRED)
+
+
+def exit_at_startup(message: str) -> None:
+    """Print ``message`` and end the process. Only for failures at start-up, when nothing
+    needs cleaning up: an exception would reach hypercorn as a multi-page traceback."""
+    sys.stderr.write(f"lllms: {message}\n")
+    sys.stderr.flush()
+    os._exit(2)
 
 
 def api_keys(config: Config) -> list[bytes]:
@@ -322,9 +327,7 @@ class EnvironmentApp:
             try:
                 self.load()
             except LllmsError as error:
-                await receive()
-                await send({"type": "lifespan.startup.failed", "message": error.message})
-                return
+                exit_at_startup(error.message)
         await self.load()(scope, receive, send)
 
 

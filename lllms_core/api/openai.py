@@ -153,6 +153,9 @@ class ChunkEvents:
     """
 
     kind = ""
+    usage_in_every_chunk = False
+    """Chat chunks carry ``usage: null`` until the last when usage is asked for (OpenAI's
+    chat stream does); legacy completion chunks leave it out, as their schema wants."""
 
     def __init__(self, streams: list[CompletionStream], request: Any):
         self.streams = streams
@@ -163,7 +166,7 @@ class ChunkEvents:
 
     def event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         body = {**self.head, "choices": choices}
-        if self.include_usage:
+        if usage is not None or (self.include_usage and self.usage_in_every_chunk):
             body["usage"] = usage
         return sse(body)
 
@@ -186,6 +189,7 @@ class ChunkEvents:
 
 class ChatEvents(ChunkEvents):
     kind = "chat.completion.chunk"
+    usage_in_every_chunk = True
 
     def __init__(self, streams: list[CompletionStream], request: ChatCompletionRequest):
         super().__init__(streams, request)
