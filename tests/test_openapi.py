@@ -3,12 +3,14 @@ use, and that agrees with what lllms accepts and sends."""
 
 from __future__ import annotations
 
+import httpx
 import msgspec
 import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from helpers.openai_schema import parse_sse
 from lllms_core.api.openapi import openapi_document
 from lllms_core.schemas import ChatCompletionRequest, EmbeddingRequest, TextCompletionRequest
 from lllms_core.server import ModelServer
@@ -138,3 +140,97 @@ async def test_status_schema_matches_a_running_servers_status(tmp_path):
     errors = [error.message for error in validator("ServerStatus").iter_errors(status)]
     assert errors == []
     assert status["instances"][0]["slots"][0]["context_depth"] > 0
+
+
+@pytest.fixture(scope="module")
+def http(server_factory):
+    server = server_factory(
+        {
+            "models": {
+                "chat": {"engine": "fake", "slots": 2},
+                "story": {"engine": "fake", "task": "text-completion"},
+                "embed": {"engine": "fake", "task": "embedding"},
+                "whisper": {"engine": "fake", "task": "speech-to-text"},
+            },
+        }
+    )
+    with httpx.Client(base_url=server.base_url, timeout=20) as client:
+        yield client
+
+
+def documented(response: httpx.Response, template: str | None = None) -> list:
+    """Check ``response`` against the operation the document describes for its request;
+    return the JSON bodies it carried (one per event for a stream)."""
+    document = openapi_document()
+    request = response.request
+    path = template or request.url.path.removeprefix("/openai")
+    operation = document["paths"][path][request.method.lower()]
+    described = operation["responses"].get(str(response.status_code))
+    assert described is not None, f"{request.method} {path} answered an undocumented {response.status_code}"
+    if "$ref" in described:
+        described = resolve(document, described["$ref"])
+    media_type = response.headers["content-type"].split(";")[0]
+    content = described.get("content", {})
+    assert media_type in content, f"{request.method} {path} {response.status_code}: undocumented {media_type}"
+    if media_type == "text/event-stream":
+        bodies, _ = parse_sse(response.text.splitlines())
+        component = content[media_type]["x-event-schema"]["$ref"].rsplit("/", 1)[1]
+    elif media_type == "application/json":
+        bodies = [response.json()]
+        schema = content[media_type]["schema"]
+        component = schema["$ref"].rsplit("/", 1)[1] if "$ref" in schema else None
+    else:
+        return []
+    for body in bodies:
+        if component is not None:
+            errors = [f"{list(error.absolute_path)}: {error.message}" for error in validator(component).iter_errors(body)]
+            assert errors == [], f"{request.method} {path}: {errors}"
+    return bodies
+
+
+def test_responses_of_a_running_server_match_the_document(http):
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    [body] = documented(http.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 1}))
+    assert body["choices"][0]["message"]["content"] == "You said: hi"
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    [body] = documented(http.post("/openai/v1/chat/completions", json={**chat, "tools": tools}))
+    assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+    events = documented(http.post("/v1/chat/completions", json={**chat, "stream": True, "stream_options": {"include_usage": True}}))
+    assert events[-1]["usage"]["completion_tokens"] == 3
+    events = documented(http.post("/v1/chat/completions", json={**chat, "stream": True, "tools": tools}))
+    assert any(choice["delta"].get("tool_calls") for event in events for choice in event["choices"])
+
+    text = {"model": "story", "prompt": "Once upon a time", "max_tokens": 3}
+    [body] = documented(http.post("/v1/completions", json={**text, "logprobs": 1, "echo": True}))
+    assert body["choices"][0]["text"].endswith("and then the")
+    events = documented(http.post("/v1/completions", json={**text, "stream": True}))
+    assert "".join(event["choices"][0]["text"] for event in events if event["choices"]) == "and then the"
+
+    for encoding_format in ("float", "base64"):
+        [body] = documented(http.post("/v1/embeddings", json={"model": "embed", "input": ["a", "b"], "encoding_format": encoding_format}))
+        assert len(body["data"]) == 2
+
+    for response_format in ("json", "verbose_json", "text", "srt", "vtt"):
+        response = http.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("a.wav", b"RIFF0000", "audio/wav")},
+            data={"model": "whisper", "response_format": response_format},
+        )
+        documented(response)
+        assert response.status_code == 200
+
+    [body] = documented(http.get("/v1/models"))
+    assert {model["id"] for model in body["data"]} == {"chat", "story", "embed", "whisper"}
+    documented(http.get("/v1/models/chat"), "/v1/models/{model}")
+    [error] = documented(http.get("/v1/models/nope"), "/v1/models/{model}")
+    assert error["error"]["code"] == "model_not_found"
+    [error] = documented(http.post("/v1/chat/completions", json={**chat, "temperature": 5}))
+    assert error["error"]["param"] == "temperature"
+    documented(http.post("/v1/chat/completions", json={**chat, "model": "nope"}))
+
+    documented(http.get("/"))
+    [health] = documented(http.get("/health"))
+    assert health == {"status": "ok"}
+    documented(http.get("/metrics"))
+    [served] = documented(http.get("/openapi.json"))
+    assert served == msgspec.json.decode(msgspec.json.encode(openapi_document()))

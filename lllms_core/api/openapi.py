@@ -22,7 +22,6 @@ from lllms_core.schemas import (
     TokenLogprob,
     ToolCall,
     TranscriptionRequest,
-    TranscriptionSegment,
 )
 
 REF = "#/components/schemas/{name}"
@@ -47,6 +46,7 @@ class CompletionUsage(Struct, kw_only=True):
 
 class ChatLogprobs(Struct, kw_only=True):
     content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None | UnsetType = UNSET
 
 
 class ChatCompletionMessage(Struct, kw_only=True):
@@ -157,14 +157,28 @@ class EmbeddingList(Struct, kw_only=True):
     usage: EmbeddingUsage
 
 
+class VerboseSegment(Struct, kw_only=True):
+    id: int
+    seek: int
+    start: float
+    """Seconds from the start of the audio."""
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
 class Transcription(Struct, kw_only=True):
-    """`response_format` json; `verbose_json` adds language, duration and segments."""
+    """`response_format` json; `verbose_json` adds task, language, duration and segments."""
 
     text: str
     task: Literal["transcribe"] | UnsetType = UNSET
-    language: str | None | UnsetType = UNSET
-    duration: float | None | UnsetType = UNSET
-    segments: list[TranscriptionSegment] | UnsetType = UNSET
+    language: str | UnsetType = UNSET
+    duration: float | UnsetType = UNSET
+    segments: list[VerboseSegment] | UnsetType = UNSET
 
 
 class Model(Struct, kw_only=True):
@@ -229,6 +243,11 @@ class InstanceStatus(Struct, kw_only=True):
     last_used: str | None
     slots: list[SlotStatus]
     info: dict[str, Any]
+
+
+class Health(Struct, kw_only=True):
+    status: Literal["ok", "loading", "starting"]
+    """`loading`: models that must be ready at start are still loading; `starting`: the pool is not up yet."""
 
 
 class ServerStatus(Struct, kw_only=True):
@@ -316,7 +335,7 @@ def openapi_document() -> dict[str, Any]:
     from importlib.metadata import version
 
     response_kinds = (ChatCompletion, ChatCompletionChunk, TextCompletion, EmbeddingList, Transcription,
-                      ModelList, Model, Error, ServerStatus)
+                      ModelList, Model, Error, ServerStatus, Health)
     request_kinds = (ChatCompletionRequest, TextCompletionRequest, EmbeddingRequest, TranscriptionRequest)
     _, components = msgspec.json.schema_components(request_kinds + response_kinds, ref_template=REF)
     _without_internal_fields(components)
@@ -363,6 +382,7 @@ def openapi_document() -> dict[str, Any]:
                     "content": {
                         "application/json": {"schema": _ref(Transcription)},
                         "text/plain": {"schema": {"type": "string"}},
+                        "text/vtt": {"schema": {"type": "string"}},
                     },
                 },
             ),
@@ -393,7 +413,7 @@ def openapi_document() -> dict[str, Any]:
                 "operationId": "getStatus",
                 "summary": "The server's state: models, downloads, instances and their slots, queue",
                 "tags": ["lllms"],
-                "responses": {"200": _json(ServerStatus, "The status report."), **_errors("401")},
+                "responses": {"200": _json(ServerStatus, "The status report."), **_errors("401", "503")},
             }
         },
         "/health": {
@@ -403,8 +423,8 @@ def openapi_document() -> dict[str, Any]:
                 "tags": ["lllms"],
                 "security": [],
                 "responses": {
-                    "200": {"description": "Ready: the models that must be loaded at start are."},
-                    "503": {"description": "Starting: models are still being prepared or loaded."},
+                    "200": _json(Health, "Ready: the models that must be loaded at start are."),
+                    "503": _json(Health, "Not ready yet: the server is starting or loading models."),
                 },
             }
         },
@@ -417,6 +437,20 @@ def openapi_document() -> dict[str, Any]:
                     "200": {
                         "description": "Prometheus text exposition format 0.0.4.",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors("401"),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "getOpenapi",
+                "summary": "This document",
+                "tags": ["lllms"],
+                "responses": {
+                    "200": {
+                        "description": "The OpenAPI 3.1 description of this API.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
                     },
                     **_errors("401"),
                 },
