@@ -1,0 +1,97 @@
+"""Chat formats: how messages become text for a model.
+
+gpt4all 2.8.2 does not run a GGUF's Jinja chat template. A chat format here is one
+template per role, each with ``%1`` where the message's text goes; the format is
+recognised from the GGUF's template or named in the model's options. Template text
+is evaluated with special tokens, message text without (a user cannot inject them).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from lllms_core.errors import InvalidRequestError
+from lllms_core.schemas import (
+    AssistantMessage,
+    ChatMessage,
+    DeveloperMessage,
+    SystemMessage,
+    TextPart,
+    UserMessage,
+    message_text,
+)
+
+Turn = tuple[str, str]
+"""A message as the engine evaluates it: (role, text)."""
+
+
+class ChatFormat(msgspec.Struct, frozen=True, kw_only=True):
+    system: str
+    user: str
+    assistant: str
+
+    def template(self, role: str) -> str:
+        """gpt4all's prompt template that evaluates one message of ``role``."""
+        return getattr(self, role) + "%2"
+
+    def reply_template(self) -> str:
+        """The template of a user message followed by the start of the assistant's reply."""
+        start, _ = self.assistant.split("%1")
+        return self.user + start + "%2"
+
+    @property
+    def reply_end(self) -> str:
+        """What closes the assistant's reply."""
+        return self.assistant.split("%1")[1]
+
+
+CHAT_FORMATS = {
+    "chatml": ChatFormat(
+        system="<|im_start|>system\n%1<|im_end|>\n",
+        user="<|im_start|>user\n%1<|im_end|>\n",
+        assistant="<|im_start|>assistant\n%1<|im_end|>\n",
+    ),
+    "llama3": ChatFormat(
+        system="<|start_header_id|>system<|end_header_id|>\n\n%1<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n%1<|eot_id|>",
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n%1<|eot_id|>",
+    ),
+    "phi3": ChatFormat(
+        system="<|system|>\n%1<|end|>\n",
+        user="<|user|>\n%1<|end|>\n",
+        assistant="<|assistant|>\n%1<|end|>\n",
+    ),
+}
+
+# a marker in a GGUF's Jinja template that identifies the format
+TEMPLATE_MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<|assistant|>", "phi3"))
+
+
+def detect_chat_format(jinja_template: str | None) -> str | None:
+    if not jinja_template:
+        return None
+    return next((name for marker, name in TEMPLATE_MARKERS if marker in jinja_template), None)
+
+
+def turns(messages: list[ChatMessage]) -> list[Turn]:
+    """The messages as (role, text); system and developer messages are system turns.
+    Refuses what this engine cannot evaluate (tool messages, images, audio)."""
+    result = []
+    for index, message in enumerate(messages):
+        if isinstance(message, (SystemMessage, DeveloperMessage)):
+            role = "system"
+        elif isinstance(message, UserMessage):
+            role = "user"
+            if not isinstance(message.content, str) and not all(isinstance(p, TextPart) for p in message.content):
+                raise InvalidRequestError(
+                    "engine 'gpt4all' reads text only; this message has other content",
+                    param=f"messages[{index}].content",
+                )
+        elif isinstance(message, AssistantMessage):
+            role = "assistant"
+        else:
+            raise InvalidRequestError(
+                "engine 'gpt4all' does not do tool calls, so it has no tool messages", param=f"messages[{index}]"
+            )
+        result.append((role, message_text(message)))
+    return result

@@ -1,0 +1,183 @@
+"""Calls into gpt4all's native library (``gpt4all._pyllmodel``).
+
+This module imports gpt4all at its top, so only the engine's methods import it,
+never the package itself. A :class:`NativeModel` is one loaded model with its one
+context (KV cache); its methods block and run in the instance's worker thread.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import tempfile
+import threading
+from typing import Callable
+
+from gpt4all import _pyllmodel
+from gpt4all._pyllmodel import LLModel, LLModelPromptContext, PromptCallback, ResponseCallback, llmodel
+
+from lllms_core.errors import ContextLengthExceededError, ModelLoadError
+
+log = logging.getLogger("lllms.gpt4all")
+
+MAX_BATCH = 128
+"""gpt4all evaluates at most this many prompt tokens at once (LLMODEL_MAX_PROMPT_BATCH)."""
+
+_implementations_loaded = False
+_implementations_lock = threading.Lock()
+
+
+def _capture_stderr(call: Callable[[], object]) -> object:
+    """Run ``call`` with the process's stderr (fd 2) captured, and log what it wrote.
+
+    gpt4all looks for its backends the first time a model is created, and prints a
+    "Failed to load libllamamodel-mainline-cuda..." line per CUDA backend it cannot
+    load: on a machine without CUDA, noise on every start. Those lines go to the debug
+    log; anything else it printed is logged as a warning."""
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            return call()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode("utf-8", "replace").splitlines():
+                if "cuda" in line.lower():
+                    log.debug("gpt4all: %s", line)
+                elif line.strip():
+                    log.warning("gpt4all: %s", line)
+
+
+def _create(path: str, n_ctx: int, ngl: int, backend: str) -> LLModel:
+    global _implementations_loaded
+    with _implementations_lock:
+        if _implementations_loaded:
+            return LLModel(path, n_ctx, ngl, backend)
+        model = _capture_stderr(lambda: LLModel(path, n_ctx, ngl, backend))
+        _implementations_loaded = True
+        return model
+
+
+class PromptError(Exception):
+    """gpt4all refused a prompt (it reports that through the response callback)."""
+
+
+class NativeModel:
+    """A gpt4all model and its context. ``n_past`` is how many tokens the context holds."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        context_size: int,
+        gpu_layers: int,
+        backend: str,
+        gpu_device: str | None,
+        threads: int | None,
+        batch_size: int,
+    ):
+        self.context_size = context_size
+        self.batch_size = min(batch_size, MAX_BATCH)
+        try:
+            self.llm = _create(path, context_size, gpu_layers, backend)
+            if gpu_device is not None:
+                self.llm.init_gpu(gpu_device)
+        except (RuntimeError, ValueError) as error:
+            raise ModelLoadError(f"gpt4all cannot load {path!r}: {error}") from None
+        if not self.llm.load_model():
+            self.llm.close()
+            raise ModelLoadError(f"gpt4all could not load {path!r} (see its messages on stderr)")
+        if threads is not None:
+            self.llm.set_thread_count(threads)
+        self.context = LLModelPromptContext(n_past=0, n_batch=self.batch_size, context_erase=0.75)
+
+    @property
+    def backend(self) -> str:
+        return self.llm.backend
+
+    @property
+    def device(self) -> str | None:
+        return self.llm.device
+
+    @property
+    def n_past(self) -> int:
+        return self.context.n_past
+
+    def reset(self) -> None:
+        """Forget the context: the next prompt is evaluated from the start."""
+        self.context.n_past = 0
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def prompt(
+        self,
+        text: str,
+        template: str,
+        *,
+        special: bool,
+        on_prompt_token: Callable[[], bool],
+        on_token: Callable[[str], bool] | None = None,
+        max_tokens: int = 0,
+        sampling: dict | None = None,
+    ) -> None:
+        """Evaluate ``text`` in ``template`` (gpt4all's: ``%1`` the text, ``%2`` where the
+        reply goes) and generate up to ``max_tokens`` tokens after it.
+
+        ``special``: whether special-token text in ``text`` becomes special tokens (the
+        template's always does). ``on_prompt_token()`` is called per evaluated prompt token,
+        ``on_token(text)`` per generated token; either stops gpt4all by returning False.
+        Raises :class:`PromptError` when gpt4all refuses the prompt."""
+        context = self.context
+        context.n_predict = max_tokens
+        for name, value in (sampling or {}).items():
+            setattr(context, name, value)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        refusal: list[str] = []
+
+        def prompt_callback(token_id: int) -> bool:
+            return on_prompt_token()
+
+        def response_callback(token_id: int, piece: bytes) -> bool:
+            if token_id == -1:  # gpt4all's way of reporting an error
+                refusal.append(piece.decode("utf-8", "replace"))
+                return False
+            assert on_token is not None
+            return on_token(decoder.decode(piece))
+
+        llmodel.llmodel_prompt(
+            self.llm.model,
+            text.encode(),
+            template.encode(),
+            PromptCallback(prompt_callback),
+            ResponseCallback(response_callback),
+            True,  # shift the context when it is full
+            ctypes.byref(context),
+            special,
+            ctypes.c_char_p(),
+        )
+        if refusal:
+            raise PromptError(refusal[0])
+
+    def embed(self, texts: list[str], prefix: str, cancelled: Callable[[], bool]) -> tuple[list[list[float]], int]:
+        """Embeddings of ``texts`` (a text longer than the context is the mean of its
+        chunks), and the number of tokens read. ``cancelled()`` is polled between batches."""
+        try:
+            result = self.llm.generate_embeddings(
+                texts, prefix, -1, True, False, lambda batch_sizes, backend: cancelled()
+            )
+        except _pyllmodel.CancellationError:
+            raise EmbeddingCancelled from None
+        return result["embeddings"], result["n_prompt_tokens"]
+
+
+class EmbeddingCancelled(Exception):
+    pass
+
+
+def too_long(error: PromptError, context_size: int) -> ContextLengthExceededError:
+    return ContextLengthExceededError(f"the prompt does not fit in the context of {context_size} tokens: {error}")
