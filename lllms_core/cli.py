@@ -162,7 +162,14 @@ def serve_command(args: argparse.Namespace) -> int:
     _use_config_log_level(args, config)
     from lllms_core.http import serve
 
-    serve(config, host=args.host, port=args.port)
+    try:
+        serve(config, host=args.host, port=args.port)
+    except* OSError as group:  # a port in use, from inside hypercorn's nurseries
+        error = group.exceptions[0]
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        address = f"{args.host or config.http.host}:{config.http.port if args.port is None else args.port}"
+        raise CommandError(f"cannot serve on {address}: {error.strerror or error}") from None
     return 0
 
 

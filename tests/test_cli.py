@@ -206,6 +206,18 @@ def test_ps_of_an_unreachable_server_fails_in_one_line():
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_serve_on_a_port_in_use_fails_in_one_line(tmp_path, cache):
+    config = write_config(tmp_path / "lllms.toml", server={"cache_dir": str(cache)}, chat={})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = lllms("serve", "--config", str(config), "--port", str(port), timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"lllms: error: cannot serve on 127.0.0.1:{port}: Address already in use"
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_then_ps_shows_the_running_server_and_sigterm_stops_it(tmp_path, cache):
     port = free_port()
     config = write_config(
