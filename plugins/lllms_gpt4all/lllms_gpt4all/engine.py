@@ -2,8 +2,10 @@
 
 One instance is one gpt4all model with one context, so it has one slot. The slot's
 state is what that context holds: the chat turns or the text evaluated so far. A
-request that continues it evaluates only what is new; any other request resets
-the context and evaluates its whole history.
+chat request keeps the turns it shares with the context (the context is cut back
+after the last of them) and evaluates only the rest; a text request whose prompt
+starts with the context's text evaluates only the rest of it; any other request
+resets the context.
 """
 
 from __future__ import annotations
@@ -72,6 +74,20 @@ class PreparedModel(msgspec.Struct, kw_only=True):
 class ChatState(msgspec.Struct):
     turns: list[Turn]
     """The messages the context holds, in order, the generated answers included."""
+    ends: list[int | None]
+    """How many tokens the context held after each of them: where it can be cut back to.
+    None after a question, which was evaluated with the start of its answer."""
+
+    def common_turns(self, history: list[Turn]) -> int:
+        """How many leading turns of ``history`` the context holds and can be cut back to."""
+        count = 0
+        for held, asked in zip(self.turns, history):
+            if held != asked:
+                break
+            count += 1
+        while count and self.ends[count - 1] is None:
+            count -= 1
+        return count
 
 
 class TextState(msgspec.Struct):
@@ -264,10 +280,12 @@ class Gpt4AllEngine(Engine):
         def run() -> ChatState | TextState:
             native.reset()
             if model.initial_messages and chat_format is not None:
-                evaluated = [(message.role, message.content) for message in model.initial_messages]
-                for role, text in evaluated:
-                    native.prompt(text, chat_format.template(role), special=False, on_prompt_token=_always)
-                return ChatState(evaluated)
+                state = ChatState([], [])
+                for message in model.initial_messages:
+                    native.prompt(message.content, chat_format.template(message.role), special=False, on_prompt_token=_always)
+                    state.turns.append((message.role, message.content))
+                    state.ends.append(native.n_past)
+                return state
             native.prompt(model.prefix or "", "%1%2", special=True, on_prompt_token=_always)
             return TextState(model.prefix or "")
 
@@ -308,20 +326,24 @@ class Gpt4AllEngine(Engine):
         native = instance.native
         state = instance.slot_states[context.slot]
         instance.slot_states[context.slot] = None  # unknown until this turn ends well
-        reuse = isinstance(state, ChatState) and not context.fresh and history[: len(state.turns)] == state.turns
+        kept = state.common_turns(history) if isinstance(state, ChatState) and not context.fresh else 0
         max_tokens = request.token_limit or instance.context_size
         generation = Generation(sink, request.stop_list, max_tokens)
         sampling = self._sampling(request)
 
-        def run() -> tuple[int, bool]:
-            if reuse:
-                cached, pending = native.n_past, history[len(state.turns) :]
+        def run() -> tuple[int, ChatState | None]:
+            if kept:
+                native.cut_to(state.ends[kept - 1])
+                evaluated = ChatState(state.turns[:kept], state.ends[:kept])
             else:
                 native.reset()
-                cached, pending = 0, history
-            for role, text in pending:
+                evaluated = ChatState([], [])
+            cached = native.n_past
+            for role, text in history[kept:]:
                 native.prompt(text, chat_format.template(role), special=False, on_prompt_token=generation.on_prompt_token)
                 generation.raise_if_cancelled()
+                evaluated.turns.append((role, text))
+                evaluated.ends.append(native.n_past)
             native.prompt(
                 question,
                 chat_format.reply_template(),
@@ -334,12 +356,14 @@ class Gpt4AllEngine(Engine):
             generation.finish()
             closing = Generation()
             native.prompt(chat_format.reply_end, "%1%2", special=True, on_prompt_token=closing.on_prompt_token)
-            expected = cached + generation.prompt_tokens + generation.tokens + closing.prompt_tokens
-            return cached, native.n_past == expected
+            if native.n_past != cached + generation.prompt_tokens + generation.tokens + closing.prompt_tokens:
+                return cached, None  # the context was full and gpt4all shifted it: it no longer holds these turns
+            evaluated.turns += [("user", question), ("assistant", generation.text)]
+            evaluated.ends += [None, native.n_past]
+            return cached, evaluated
 
-        cached, intact = await self._run(instance, run)
-        if intact:  # else the context was shifted (it was full): it no longer holds these turns
-            instance.slot_states[context.slot] = ChatState(history + [("user", question), ("assistant", generation.text)])
+        cached, evaluated = await self._run(instance, run)
+        instance.slot_states[context.slot] = evaluated
         return CompletionResult(
             finish_reasons=[generation.finish_reason],
             usage=Usage(

@@ -109,7 +109,11 @@ class NativeModel:
 
     def reset(self) -> None:
         """Forget the context: the next prompt is evaluated from the start."""
-        self.context.n_past = 0
+        self.cut_to(0)
+
+    def cut_to(self, n_past: int) -> None:
+        """Keep the context's first ``n_past`` tokens: the next prompt is evaluated after them."""
+        self.context.n_past = n_past
 
     def close(self) -> None:
         self.llm.close()
