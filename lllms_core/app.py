@@ -211,6 +211,9 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
         response = error_response(translate_http_error(error))
         if error.code == 405 and getattr(error, "valid_methods", None):
             response.headers["Allow"] = ", ".join(error.valid_methods)
+        if error.code == 413:
+            # the rest of the body was never read: this connection cannot carry another request
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Exception)

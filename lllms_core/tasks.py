@@ -38,7 +38,10 @@ class Task(msgspec.Struct, frozen=True):
 
 
 def _response_format(kind: str) -> Callable[[Any], bool]:
-    return lambda request: request.response_format is not None and request.response_format.type == kind
+    # the tag ("type") of a tagged Struct is not an attribute; it is in the class's config
+    return lambda request: (
+        request.response_format is not None and type(request.response_format).__struct_config__.tag == kind
+    )
 
 
 COMPLETION_FEATURES = (
