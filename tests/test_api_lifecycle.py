@@ -1,0 +1,214 @@
+"""The server's life: readiness, clients that go away, graceful shutdown on SIGTERM,
+and starting it with hypercorn's command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import SLOW_WORDS, fake_models, running_server
+from helpers.openai_schema import parse_sse, validate
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def slot_busy(http: httpx.Client, model: str) -> bool:
+    instances = [i for i in http.get("/").json()["instances"] if i["model"] == model]
+    return any(slot["busy"] for instance in instances for slot in instance["slots"])
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def http(api_server):
+    with httpx.Client(base_url=api_server.base_url, timeout=20) as http_client:
+        yield http_client
+
+
+def test_health_is_503_until_the_startup_models_are_loaded():
+    config = {"models": fake_models(big={"load_delay": 1.0, "min_instances": 1})}
+    with running_server(config) as server, httpx.Client(base_url=server.base_url, timeout=10) as http_client:
+        loading = http_client.get("/health")
+        assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
+        assert http_client.get("/").json()["ready"] is False
+        wait_until(lambda: http_client.get("/health").status_code == 200)
+        assert http_client.get("/health").json() == {"status": "ok"}
+
+
+def test_an_abandoned_stream_frees_the_instance_at_once(http):
+    body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert slot_busy(http, "slow")
+    # leaving the block closed the connection with ~SLOW_WORDS tokens still to go
+    wait_until(lambda: not slot_busy(http, "slow"), timeout=2.0)
+    started = time.monotonic()
+    reply = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
+    assert reply.json()["choices"][0]["message"]["content"] == "word word word"
+    # the abandoned answer would have needed SLOW_WORDS × 50 ms = 10 s more
+    assert time.monotonic() - started < SLOW_WORDS * 0.05 / 2
+
+
+def test_an_abandoned_request_frees_the_instance_at_once(http):
+    body = {"model": "slow", "messages": [{"role": "user", "content": "go"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=body, timeout=0.5)  # the client gives up, disconnecting
+    wait_until(lambda: not slot_busy(http, "slow"), timeout=2.0)
+    reply = http.post("/v1/chat/completions", json={**body, "max_tokens": 2})
+    assert reply.json()["choices"][0]["message"]["content"] == "word word"
+
+
+# --- a server in its own process ------------------------------------------------------
+
+SERVE = """
+import json, sys
+from functools import partial
+import trio
+from lllms_core.http import serve_async
+from lllms_core.logs import setup_logging
+
+setup_logging("info")
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_async, json.loads(sys.argv[1]), host="127.0.0.1", port=0))
+        print(port, flush=True)
+
+trio.run(main)
+"""
+
+
+class ServerProcess:
+    def __init__(self, config: dict):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SERVE, json.dumps(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.port = int(self.process.stdout.readline())
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 20) -> tuple[int, str]:
+        """Wait for the process to end; its exit code and log."""
+        _, log = self.process.communicate(timeout=timeout)
+        return self.process.returncode, log
+
+
+def slow_config(words: int, grace: float) -> dict:
+    return {
+        "http": {"shutdown_grace": grace},
+        "models": fake_models(slow={"token_delay": 0.05, "reply": " ".join(["word"] * words), "min_instances": 1}),
+    }
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits_cleanly():
+    server = ServerProcess(slow_config(words=20, grace=10))
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=20) as http_client:
+            wait_until(lambda: http_client.get("/health").status_code == 200, timeout=20)
+            body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
+            with http_client.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                first = next(lines)
+                server.process.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                with pytest.raises(httpx.ConnectError):  # no new connections
+                    httpx.get(server.base_url + "/health", timeout=5)
+                rest = list(lines)
+        chunks, _ = parse_sse([first, *rest])  # complete, up to [DONE]
+        for chunk in chunks:
+            validate("CreateChatCompletionStreamResponse", chunk)
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]).count("word") == 20
+        returncode, log = server.stop()
+        assert returncode == 0, log
+        assert "disposed slow:" in log
+    finally:
+        server.process.kill()
+
+
+def test_requests_still_running_after_the_grace_period_are_cancelled():
+    server = ServerProcess(slow_config(words=400, grace=0.5))
+    try:
+        with httpx.Client(base_url=server.base_url, timeout=20) as http_client:
+            wait_until(lambda: http_client.get("/health").status_code == 200, timeout=20)
+            body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
+            started = time.monotonic()
+            with http_client.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                next(lines)
+                server.process.send_signal(signal.SIGTERM)
+                with pytest.raises((httpx.RemoteProtocolError, AssertionError)):
+                    parse_sse(list(lines))  # cut short: no [DONE]
+        returncode, log = server.stop()
+        assert returncode == 0, log
+        assert "disposed slow:" in log
+        assert time.monotonic() - started < 400 * 0.05 / 2
+    finally:
+        server.process.kill()
+
+
+# --- hypercorn's command line -------------------------------------------------------------
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    path = tmp_path / "lllms.toml"
+    path.write_text('[models.chat]\nengine = "fake"\n')
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_hypercorn_trio_worker_serves_the_configured_app(config_file):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "-k", "trio", "-b", f"127.0.0.1:{port}", "lllms_core.app:app"],
+        env={**os.environ, "LLLMS_CONFIG": str(config_file)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read()
+                return False
+
+        wait_until(healthy, timeout=30)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+        assert [model["id"] for model in models["data"]] == ["chat"]
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_hypercorn_asyncio_worker_stops_with_one_clear_line(config_file):
+    result = subprocess.run(
+        [sys.executable, "-m", "hypercorn", "-b", "127.0.0.1:0", "lllms_core.app:app"],
+        env={**os.environ, "LLLMS_CONFIG": str(config_file)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    output = (result.stdout + result.stderr).strip()
+    assert output == "lllms: needs hypercorn's trio worker: start it with `hypercorn -k trio lllms_core.app:app`"
