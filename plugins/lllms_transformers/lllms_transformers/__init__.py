@@ -1,0 +1,110 @@
+"""The ``transformers`` engine: Hugging Face transformers models on PyTorch.
+
+- chat-completion / text-completion: causal language models with a chat template
+  (a GGUF file is converted once to safetensors in the cache);
+- embedding: sentence-transformers style models (pooling and normalisation read
+  from ``modules.json`` and ``1_Pooling/config.json``);
+- speech-to-text: Whisper-family models, long audio in chunks of at most 30 s.
+
+torch and transformers are imported when a model is prepared or loaded, never
+when this module is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import trio
+
+from lllms_core.engine import Device, Engine, EngineInstance
+from lllms_core.errors import ModelLoadError
+from lllms_core.hookspecs import hookimpl
+
+
+class TransformersOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Options of a ``transformers`` model (flat in its table)."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weights' dtype; ``auto``: float32 on the CPU, the model's own dtype on CUDA."""
+    gguf_file: str | None = None
+    """The GGUF file inside a model directory, when ``location`` is a directory holding several."""
+    pooling: Literal["mean", "cls", "last"] | None = None
+    """Embedding pooling when a request names none; default: the model's ``1_Pooling`` config, else mean."""
+    normalize: bool | None = None
+    """Scale embeddings to unit length; default: as the model's ``Normalize`` module says, else yes."""
+    max_chunk_tokens: int | None = None
+    """Speech: the most tokens generated per 30 s chunk; default: what the model allows."""
+    trust_remote_code: bool = False
+    """Let transformers run Python code shipped with the model."""
+
+
+class TransformersInstance(EngineInstance):
+    """One loaded model (``loaded``: a text generator, embedder or transcriber) with one slot."""
+
+    def info(self) -> dict:
+        return self.loaded.info() if self.loaded is not None else {}
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text"})
+    default_task = "chat-completion"
+    options = TransformersOptions
+    capabilities = frozenset(
+        {
+            "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "logit_bias", "seed", "grammar",
+            "n", "logprobs", "json_object", "json_schema", "tools", "echo", "token_prompt",
+            "token_input", "pooling",
+        }
+    )  # fmt: skip
+
+    async def prepare_model(self, model, location: Path | None):
+        if location is None:
+            raise ModelLoadError(f"model {model.id!r}: the transformers engine needs a model file or directory")
+        from lllms_transformers import loading
+
+        return await trio.to_thread.run_sync(loading.prepare, model, Path(location), self._cache_dir())
+
+    def _cache_dir(self) -> Path:
+        if self.store is not None:
+            return Path(self.store.cache_dir)
+        from lllms_core.config import default_cache_dir
+
+        return default_cache_dir()
+
+    async def create_instance(self, model, prepared, device: Device) -> TransformersInstance:
+        from lllms_transformers import loading
+
+        loaded = await trio.to_thread.run_sync(loading.load, model, prepared, device)
+        return TransformersInstance(slots=1, limiter=trio.CapacityLimiter(1), loaded=loaded)
+
+    async def dispose_instance(self, instance: EngineInstance) -> None:
+        loaded = instance.loaded
+        instance.loaded = None
+        instance.slot_states = [None] * instance.slots
+        await trio.to_thread.run_sync(loaded.close)
+
+    async def chat_completion(self, context, request, sink):
+        from lllms_transformers import generation
+
+        return await generation.chat_completion(self, context, request, sink)
+
+    async def text_completion(self, context, request, sink):
+        from lllms_transformers import generation
+
+        return await generation.text_completion(self, context, request, sink)
+
+    async def embedding(self, context, request):
+        loaded = context.instance.loaded
+        return await trio.to_thread.run_sync(loaded.embed, request, limiter=context.instance.limiter)
+
+    async def speech_to_text(self, context, request):
+        loaded = context.instance.loaded
+        return await trio.to_thread.run_sync(loaded.transcribe, request, limiter=context.instance.limiter)
+
+
+@hookimpl
+def register_engines(register):
+    register(TransformersEngine)

@@ -1,0 +1,191 @@
+"""Speech to text with Whisper-family models.
+
+Audio is decoded and resampled to 16 kHz mono with PyAV. Whisper hears 30 s at
+a time, so longer audio is cut into windows of at most 30 s, each cut at the
+quietest moment of its last seconds (so that words are seldom split), and every
+window is transcribed with timestamps; segment times are shifted by the
+window's start.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lllms_core.errors import InvalidRequestError
+from lllms_core.schemas import TranscriptionRequest, TranscriptionResult, TranscriptionSegment
+
+log = logging.getLogger("lllms.transformers")
+
+SAMPLE_RATE = 16000
+WINDOW = 30 * SAMPLE_RATE
+"""Whisper's input: 30 s of audio."""
+CUT_SEARCH = 5 * SAMPLE_RATE
+"""How far back from a window's end to look for a quiet place to cut."""
+CUT_FRAME = SAMPLE_RATE // 10
+TIME_PRECISION = 0.02
+"""Seconds per Whisper timestamp token."""
+
+
+def decode_audio(data: bytes) -> np.ndarray:
+    """Any audio file PyAV reads, as 16 kHz mono float32 samples."""
+    import av
+
+    pieces = []
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise InvalidRequestError("the file has no audio stream", param="file")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            for frame in container.decode(stream):
+                pieces.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+            pieces.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+    except av.error.FFmpegError as error:
+        raise InvalidRequestError(f"the audio file cannot be decoded: {error}", param="file") from None
+    if not pieces:
+        raise InvalidRequestError("the audio file holds no sound", param="file")
+    return np.concatenate(pieces).astype(np.float32)
+
+
+def windows(audio: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) sample ranges of at most 30 s covering the audio, cut where it is quietest."""
+    spans = []
+    start = 0
+    while len(audio) - start > WINDOW:
+        search_from = start + WINDOW - CUT_SEARCH
+        tail = audio[search_from : start + WINDOW]
+        frames = len(tail) // CUT_FRAME
+        energy = (tail[: frames * CUT_FRAME].reshape(frames, CUT_FRAME) ** 2).mean(axis=1)
+        end = search_from + (int(np.argmin(energy)) + 1) * CUT_FRAME
+        spans.append((start, end))
+        start = end
+    spans.append((start, len(audio)))
+    return spans
+
+
+class Transcriber:
+    def __init__(self, model, processor, device, max_chunk_tokens: int | None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        config = model.generation_config
+        self.timestamp_begin = config.no_timestamps_token_id + 1
+        self.start_token = config.decoder_start_token_id
+        self.multilingual = bool(getattr(config, "is_multilingual", False))
+        self.languages = dict(getattr(config, "lang_to_id", None) or {})
+        self.special = set(self.tokenizer.all_special_ids)
+        self.max_positions = model.config.max_target_positions
+        self.max_chunk_tokens = max_chunk_tokens
+
+    @classmethod
+    def load(cls, model, prepared: Path, device, dtype) -> "Transcriber":
+        from transformers import AutoModelForSpeechSeq2Seq, WhisperProcessor
+
+        from lllms_transformers.loading import pretrained_options
+
+        processor = WhisperProcessor.from_pretrained(prepared, local_files_only=True)
+        speech = AutoModelForSpeechSeq2Seq.from_pretrained(prepared, **pretrained_options(model, dtype)).to(device).eval()
+        return cls(speech, processor, device, model.options.max_chunk_tokens)
+
+    def info(self) -> dict:
+        return {"device": str(self.device), "multilingual": self.multilingual}
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _language_code(self, language: str | None) -> str | None:
+        if language is None:
+            return None
+        from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+        code = language.lower()
+        code = TO_LANGUAGE_CODE.get(code, code)
+        if self.multilingual and f"<|{code}|>" not in self.languages:
+            raise InvalidRequestError(f"the model does not know the language {language!r}", param="language")
+        return code
+
+    def _features(self, samples: np.ndarray) -> torch.Tensor:
+        features = self.processor.feature_extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
+        return features.to(self.device, self.model.dtype)
+
+    def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+        audio = decode_audio(request.audio)
+        spans = windows(audio)
+        language = self._language_code(request.language)
+        prompt_ids = None
+        if request.prompt:
+            ids = self.processor.get_prompt_ids(request.prompt, return_tensors="pt")
+            keep = self.max_positions // 2 - 1
+            prompt_ids = torch.cat([ids[:1], ids[1:][-(keep - 1) :]]).to(self.device)  # <|startofprev|> + the end
+        budget = self.max_positions - 4 - (len(prompt_ids) if prompt_ids is not None else 0)
+        max_new_tokens = min(self.max_chunk_tokens or budget, budget)
+        features = [self._features(audio[start:end]) for start, end in spans]
+        if language is None and self.multilingual:
+            detected = int(self.model.detect_language(features[0])[0])
+            language = self.tokenizer.convert_ids_to_tokens(detected).strip("<|>")
+        options = {
+            "return_timestamps": True,
+            "task": "transcribe",
+            "max_new_tokens": max_new_tokens,
+        }
+        if self.multilingual:
+            options["language"] = language
+        if prompt_ids is not None:
+            options["prompt_ids"] = prompt_ids
+        if request.temperature:
+            options["temperature"] = request.temperature
+            options["do_sample"] = True
+        segments: list[TranscriptionSegment] = []
+        for (start, end), chunk_features in zip(spans, features):
+            with torch.inference_mode():
+                sequence = self.model.generate(chunk_features, **options)[0].tolist()
+            offset, length = start / SAMPLE_RATE, (end - start) / SAMPLE_RATE
+            for seg_start, seg_end, text in self._segments(sequence, length):
+                segments.append(
+                    TranscriptionSegment(id=len(segments), start=round(offset + seg_start, 2), end=round(offset + seg_end, 2), text=text)
+                )
+        name = LANGUAGES.get(language, language) if self.multilingual else "english"
+        return TranscriptionResult(
+            text=" ".join(segment.text.strip() for segment in segments if segment.text.strip()),
+            language=name,
+            duration=round(len(audio) / SAMPLE_RATE, 2),
+            segments=segments,
+        )
+
+    def _segments(self, sequence: list[int], length: float) -> list[tuple[float, float, str]]:
+        """(start, end, text) of the timestamped segments of one window's output; text
+        without timestamps becomes one segment spanning the window."""
+        if self.start_token in sequence:
+            sequence = sequence[sequence.index(self.start_token) + 1 :]
+        found: list[tuple[float, float, str]] = []
+        start: float | None = None
+        tokens: list[int] = []
+
+        def close(end: float) -> None:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if text.strip():
+                found.append((min(start or 0.0, length), min(max(end, start or 0.0), length), text))
+
+        for token in sequence:
+            if token >= self.timestamp_begin:
+                time = (token - self.timestamp_begin) * TIME_PRECISION
+                if start is not None and tokens:
+                    close(time)
+                    start, tokens = None, []
+                else:
+                    start = time
+            elif token not in self.special:
+                tokens.append(token)
+        if tokens:
+            close(length)
+        return found
