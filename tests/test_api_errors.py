@@ -9,6 +9,11 @@ import pytest
 from conftest import fake_models, running_server
 from helpers.openai_schema import parse_sse, validate
 
+from lllms_core.hookspecs import hookimpl
+from lllms_core.plugins import get_plugin_manager
+from lllms_core.samplers import Sampler
+from lllms_core.server import ModelServer
+
 pytestmark = pytest.mark.timeout(30)
 
 KEY = "sk-right-key"
@@ -119,6 +124,26 @@ def test_completion_features_the_engine_cannot_do_are_refused(http):
     assert error["param"] == "prompt"
     error = error_of(http.post("/v1/completions", json={"model": "chat", "prompt": "a", "best_of": 3}), 400)
     assert error["param"] == "best_of"
+
+
+class BananaSampler:
+    """A plugin sampler; the fake engine applies no logits processors, so it refuses it."""
+
+    @hookimpl
+    def register_samplers(self, register):
+        register(
+            Sampler(name="banana", parameters=("banana_strength",), logits_processor=lambda value, request: None)
+        )
+
+
+def test_plugin_sampler_parameters_are_read_from_the_body():
+    plugins = get_plugin_manager()
+    plugins.register(BananaSampler(), name="banana")
+    server = ModelServer({"models": fake_models(chat={})}, plugins=plugins, wait_ready=False)
+    with running_server(server) as running, httpx.Client(base_url=running.base_url, timeout=20) as http_client:
+        error = error_of(http_client.post("/v1/chat/completions", json=chat(banana_strength=2)), 400)
+        assert error["param"] == "banana_strength"
+        assert http_client.post("/v1/chat/completions", json=chat(banana_strength=None)).status_code == 200
 
 
 def test_the_openai_client_sees_the_param(api_server):
