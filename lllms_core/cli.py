@@ -1,6 +1,6 @@
 """The ``lllms`` command: serve, pull, ps, run, plugins.
 
-Only argparse is imported at module level: each command imports what it needs, so
+Only argparse, os and sys are imported at module level: each command imports what it needs, so
 ``lllms --help`` starts at once and never imports an engine's library.
 
 Configuration: ``--config FILE``, else ``$LLLMS_CONFIG``, else the built-in default
@@ -40,15 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level or os.environ.get("LLLMS_LOG_LEVEL") or "warning")
     try:
         return args.handler(args) or 0
-    except (CommandError, LllmsError) as error:
-        message = error.message if isinstance(error, LllmsError) else str(error)
-        print(f"lllms: error: {message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # piped into a command that stopped reading (`| head`)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BaseException as raised:
+        error = raised
+        # a failure inside a trio nursery arrives wrapped in exception groups
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if isinstance(error, (CommandError, LllmsError)):
+            message = error.message if isinstance(error, LllmsError) else str(error)
+            print(f"lllms: error: {message}", file=sys.stderr)
+            return 1
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        if isinstance(error, BrokenPipeError):  # piped into a command that stopped reading (`| head`)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +279,8 @@ class DownloadBars:
             self.progress.update(bar, completed=size, total=size)
 
     def stop(self) -> None:
-        self.progress.stop()
+        if self.bars:  # stopping a display never started would print an empty line
+            self.progress.stop()
 
 
 async def prepare_showing_progress(store: "ModelStore", model: "ModelConfig") -> Any:

@@ -113,6 +113,7 @@ def test_run_streams_the_answer_of_a_chat_model_and_of_a_text_model(tmp_path, ca
     chat = lllms("run", "chat", "hi", "--config", str(config), "--system", "Be brief.", "--temperature", "0.5")
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout == "Hello from the fake engine\n"
+    assert chat.stderr == ""  # no download, no progress bar, nothing logged
 
     echo = lllms("run", "echo", "what a day", "--config", str(config))
     assert echo.stdout == "You said: what a day\n"
@@ -134,6 +135,18 @@ def test_run_refuses_an_unknown_model_and_an_embedding_model_in_one_line(tmp_pat
     assert embedding.returncode == 1
     assert "needs a chat-completion or text-completion model" in embedding.stderr
     assert len(embedding.stderr.splitlines()) == 1
+
+
+def test_run_reports_a_model_that_fails_to_load_and_a_bad_parameter_without_a_traceback(tmp_path, cache):
+    config = write_config(tmp_path / "lllms.toml", server={"cache_dir": str(cache)}, broken={"fail_loads": 5}, chat={})
+    broken = lllms("run", "broken", "hi", "--config", str(config))
+    assert broken.returncode == 1
+    assert broken.stderr.splitlines()[-1] == "lllms: error: fake model 'broken' refuses to load"
+    assert "Traceback" not in broken.stderr
+    hot = lllms("run", "chat", "hi", "--temperature", "9", "--config", str(config))
+    assert hot.returncode == 1
+    assert hot.stderr.startswith("lllms: error: ") and "temperature" in hot.stderr
+    assert len(hot.stderr.splitlines()) == 1
 
 
 def test_a_config_error_names_the_field(tmp_path):
