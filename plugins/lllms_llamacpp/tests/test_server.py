@@ -1,0 +1,86 @@
+"""Requests through the lllms facade (pool, slots, context keys) to the llamacpp engine."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+
+from lllms_core.server import ModelServer
+
+from conftest import smollm2_path
+
+
+def config() -> dict:
+    return {
+        "server": {"concurrency": 4},
+        "models": {
+            "smol": {
+                "engine": "llamacpp",
+                "location": str(smollm2_path()),
+                "context_size": 512,
+                "parallel": 4,
+                "device": {"gpu": False, "cpu_threads": 1},
+                "initial_messages": [{"role": "system", "content": "Your name is Bartholomew."}],
+                "completion_defaults": {"temperature": 0},
+            },
+            "smol-embed": {
+                "engine": "llamacpp",
+                "task": "embedding",
+                "location": str(smollm2_path()),
+                "context_size": 256,
+            },
+        },
+    }
+
+
+async def test_chat_text_and_embeddings_through_the_server():
+    async with ModelServer(config()) as server:
+        system = {"role": "system", "content": "Your name is Bartholomew."}
+        question = {"role": "user", "content": "What is your name?"}
+        first = await server.chat_completion({"model": "smol", "messages": [system, question], "max_tokens": 8})
+        assert "Bartholomew" in first.choices[0].text
+        assert first.usage.cached_tokens > 5  # the preloaded system message
+        follow_up = [system, question, {"role": "assistant", "content": first.choices[0].text},
+                     {"role": "user", "content": "And what is a dog?"}]
+        second = await server.chat_completion({"model": "smol", "messages": follow_up, "max_tokens": 4})
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens + first.usage.completion_tokens - 3
+
+        text = await server.text_completion({"model": "smol", "prompt": "The capital of France is", "max_tokens": 3})
+        assert "Paris" in text.choices[0].text
+
+        embedded = await server.embedding({"model": "smol-embed", "input": ["a cat", "a kitten", "tax law"]})
+        assert len(embedded.embeddings) == 3
+
+
+async def test_concurrent_streams_and_a_forced_tool_call():
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    async with ModelServer(config()) as server:
+        answers: dict[str, str] = {}
+
+        async def ask(word: str) -> None:
+            request = {"model": "smol", "messages": [{"role": "user", "content": f"What is a {word}? Answer in one sentence."}],
+                       "max_tokens": 12}
+            async with server.stream_chat_completion(request) as stream:
+                pieces = [chunk.text async for chunk in stream]
+            answers[word] = "".join(pieces)
+
+        async with trio.open_nursery() as nursery:
+            for word in ("apple", "banana", "dog", "tiger"):
+                nursery.start_soon(ask, word)
+        assert all(word in answer.lower() for word, answer in answers.items()), answers
+
+        called = await server.chat_completion(
+            {"model": "smol", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [tool],
+             "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 40}
+        )
+        choice = called.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        assert choice.tool_calls[0].function.name == "get_weather"
+        assert "city" in json.loads(choice.tool_calls[0].function.arguments)
