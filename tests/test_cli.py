@@ -198,6 +198,28 @@ def test_pull_with_a_wrong_sha256_fails_in_one_line_and_leaves_no_file(tmp_path,
     assert leftovers == []
 
 
+def test_pull_all_pulls_every_model_and_reports_the_ones_that_failed(tmp_path, cache):
+    content = b"weights" * 1000
+    with FileServer(tmp_path / "www") as files:
+        url = files.add("/w.bin", content)
+        config = write_config(
+            tmp_path / "lllms.toml",
+            server={"cache_dir": str(cache)},
+            good={"url": url, "sha256": hashlib.sha256(content).hexdigest()},
+            bad={"url": url, "file": "elsewhere/w.bin", "md5": "0" * 32},
+            fileless={},
+        )
+        result = lllms("pull", "--all", "--config", str(config))
+
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [
+        f"✓ good: {cache / '127.0.0.1' / 'w.bin'} (sha256 verified)",
+        "✓ fileless: ready (engine 'fake' needs no model file)",
+    ]
+    assert "✗ bad: md5 checksum mismatch" in result.stderr
+    assert result.stderr.splitlines()[-1] == "lllms: error: 1 of 3 models failed"
+
+
 def test_pull_needs_a_model_or_all(tmp_path):
     config = write_config(tmp_path / "lllms.toml", chat={})
     result = lllms("pull", "--config", str(config))
