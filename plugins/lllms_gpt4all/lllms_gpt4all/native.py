@@ -84,10 +84,14 @@ class NativeModel:
         self.batch_size = min(batch_size, MAX_BATCH)
         try:
             self.llm = _create(path, context_size, gpu_layers, backend)
-            if gpu_device is not None:
-                self.llm.init_gpu(gpu_device)
-        except (RuntimeError, ValueError) as error:
+        except RuntimeError as error:
             raise ModelLoadError(f"gpt4all cannot load {path!r}: {error}") from None
+        if gpu_device is not None:
+            try:
+                self.llm.init_gpu(gpu_device)
+            except ValueError as error:
+                self.llm.close()
+                raise ModelLoadError(f"gpt4all cannot use the GPU {gpu_device!r}: {error}") from None
         if not self.llm.load_model():
             self.llm.close()
             raise ModelLoadError(f"gpt4all could not load {path!r} (see its messages on stderr)")

@@ -1,0 +1,159 @@
+"""Preparing and loading models: the compatible copy for a newer pre-tokenizer, the
+error for an unknown one, quiet loading, timeouts, and the CPU fallback."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from gpt4all_models import CPU, SMOLLM_URL
+from lllms_core.config import load_config
+from lllms_core.errors import ModelLoadError, RequestTimeoutError
+from lllms_core.server import ModelServer
+from lllms_core.store import ModelStore
+from lllms_gpt4all import Gpt4AllEngine
+from lllms_gpt4all.compat import read_gguf
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def engine_for(cache_dir, models: dict):
+    config = load_config({"server": {"cache_dir": str(cache_dir)}, "models": models})
+    engines: dict = {}
+    store = ModelStore(config, engines)
+    engines["gpt4all"] = engine = Gpt4AllEngine(store)
+    return engine, config
+
+
+async def test_newer_pre_tokenizer_gets_a_compatible_copy(tmp_path, smollm_path, caplog):
+    original_digest, original_mtime = sha256(smollm_path), os.stat(smollm_path).st_mtime
+    engine, config = engine_for(tmp_path, {"smol": {"engine": "gpt4all", "url": SMOLLM_URL}})
+    model = config.models["smol"]
+
+    with caplog.at_level(logging.INFO, logger="lllms.gpt4all"):
+        prepared = await engine.prepare_model(model, smollm_path)
+    copy = prepared.path
+    assert copy.startswith(str(tmp_path / "gpt4all-compat"))
+    assert read_gguf(copy).pre_tokenizer == "refact"
+    assert os.path.getsize(copy) == os.path.getsize(smollm_path)
+    assert "'smollm'" in caplog.text and "'refact'" in caplog.text and copy in caplog.text
+    # the original is untouched
+    assert read_gguf(smollm_path).pre_tokenizer == "smollm"
+    assert (sha256(smollm_path), os.stat(smollm_path).st_mtime) == (original_digest, original_mtime)
+
+    # an up-to-date copy is reused, not written again
+    caplog.clear()
+    written_at = os.stat(copy).st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="lllms.gpt4all"):
+        again = await engine.prepare_model(model, smollm_path)
+    assert again.path == copy and os.stat(copy).st_mtime_ns == written_at
+    assert "wrote a copy" not in caplog.text
+
+    # and gpt4all loads it
+    instance = await engine.create_instance(model, prepared, load_device())
+    try:
+        assert instance.native.backend == "cpu"
+    finally:
+        await engine.dispose_instance(instance)
+
+
+def load_device():
+    from lllms_core.engine import Device
+
+    return Device(gpu=False, cpu_threads=1)
+
+
+async def test_unknown_pre_tokenizer_fails_preparation_naming_it(tmp_path, unknown_pre_tokenizer_gguf):
+    engine, config = engine_for(
+        tmp_path, {"future": {"engine": "gpt4all", "location": str(unknown_pre_tokenizer_gguf)}}
+    )
+    with pytest.raises(ModelLoadError, match="'future-bpe'"):
+        await engine.prepare_model(config.models["future"], unknown_pre_tokenizer_gguf)
+    assert not (tmp_path / "gpt4all-compat").exists()
+
+
+async def test_an_embedding_task_needs_a_bert_model(tmp_path, smollm_path):
+    engine, config = engine_for(tmp_path, {"e": {"engine": "gpt4all", "task": "embedding", "url": SMOLLM_URL}})
+    with pytest.raises(ModelLoadError, match="BERT"):
+        await engine.prepare_model(config.models["e"], smollm_path)
+
+
+def test_loading_on_a_machine_without_cuda_prints_nothing(tmp_path, smollm_path):
+    """gpt4all prints a line per CUDA backend it cannot load; the engine keeps them out
+    of stderr (they go to the debug log)."""
+    script = textwrap.dedent(
+        f"""
+        import logging, trio
+        from lllms_core.engine import Device
+        from lllms_core.config import load_config
+        from lllms_core.store import ModelStore
+        from lllms_gpt4all import Gpt4AllEngine
+
+        logging.basicConfig(level=logging.DEBUG, format="LOG %(name)s %(message)s")
+        config = load_config({{"server": {{"cache_dir": {str(tmp_path)!r}}},
+                               "models": {{"m": {{"engine": "gpt4all", "url": {SMOLLM_URL!r}}}}}}})
+        engine = Gpt4AllEngine(ModelStore(config, {{}}))
+
+        async def main():
+            model = config.models["m"]
+            prepared = await engine.prepare_model(model, {str(smollm_path)!r})
+            instance = await engine.create_instance(model, prepared, Device(gpu=False, cpu_threads=1))
+            await engine.dispose_instance(instance)
+
+        trio.run(main)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    noise = [line for line in result.stderr.splitlines() if not line.startswith("LOG ")]
+    assert noise == []
+    from gpt4all import _pyllmodel
+
+    if not _pyllmodel.cuda_found:  # then gpt4all did complain, and it went to the debug log
+        assert any(line.startswith("LOG lllms.gpt4all gpt4all: Failed to load") for line in result.stderr.splitlines())
+
+
+async def test_timeout_stops_generation_and_frees_the_instance(tmp_path):
+    config = {
+        "server": {"cache_dir": str(tmp_path), "request_timeout": 1},
+        "models": {"smol": {"engine": "gpt4all", "url": SMOLLM_URL, "min_instances": 1, "device": CPU}},
+    }
+    essay = {"model": "smol", "messages": [{"role": "user", "content": "Write a long essay about Rome."}]}
+    async with ModelServer(config) as server:
+        started = trio.current_time()
+        with pytest.raises(RequestTimeoutError):
+            await server.chat_completion({**essay, "max_tokens": 1500})
+        assert trio.current_time() - started < 5
+        answer = await server.chat_completion({**essay, "max_tokens": 3})
+        assert answer.choices[0].finish_reason == "length"
+
+
+async def test_gpu_auto_falls_back_to_the_cpu_without_a_gpu(tmp_path):
+    config = {
+        "server": {"cache_dir": str(tmp_path)},
+        "models": {
+            "smol": {"engine": "gpt4all", "url": SMOLLM_URL, "min_instances": 1, "device": {"gpu": "auto", "cpu_threads": 1}}
+        },
+    }
+    async with ModelServer(config) as server:
+        answer = await server.chat_completion(
+            {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        )
+        assert answer.usage.completion_tokens > 0
+        (instance,) = server.status()["instances"]
+        assert instance["info"]["backend"] in ("cpu", "kompute", "cuda", "metal")
