@@ -253,47 +253,57 @@ def test_serve_on_a_port_in_use_fails_in_one_line(tmp_path, cache):
     assert "Traceback" not in result.stderr
 
 
-def test_serve_then_ps_shows_the_running_server_and_sigterm_stops_it(tmp_path, cache):
+def test_serve_then_ps_shows_instances_and_downloads_and_sigterm_stops_it(tmp_path, cache):
     port = free_port()
-    config = write_config(
-        tmp_path / "lllms.toml",
-        server={"cache_dir": str(cache)},
-        chat={"min_instances": 1, "slots": 2},
-        later={},
-    )
-    server = subprocess.Popen(
-        [LLLMS, "serve", "--config", str(config), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None, server.communicate()[1]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy in 30 s"
-            time.sleep(0.1)
-
-        raw = lllms("ps", "--url", url, "--json")
-        assert raw.returncode == 0, raw.stderr
-        status = json.loads(raw.stdout)
-        [instance] = status["instances"]
-        assert instance["model"] == "chat" and instance["state"] == "idle" and len(instance["slots"]) == 2
-        assert set(status["models"]) == {"chat", "later"}
-
-        table = lllms("ps", "--url", url, env={"COLUMNS": "200"})
-        assert table.returncode == 0, table.stderr
-        assert instance["id"] in table.stdout and "0/2" in table.stdout
-        assert "0 queued" in table.stdout
-    finally:
-        server.send_signal(signal.SIGTERM)
+    with FileServer(tmp_path / "www") as files:
+        files.rate = 200_000  # bytes/s: the 4 MB download lasts the whole test
+        big = files.add("/big.gguf", bytes(4_000_000))
+        config = write_config(
+            tmp_path / "lllms.toml",
+            server={"cache_dir": str(cache)},
+            chat={"min_instances": 1, "slots": 2},
+            big={"url": big, "prepare": "async"},
+        )
+        server = subprocess.Popen(
+            [LLLMS, "serve", "--config", str(config), "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            _, stderr = server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise
+            deadline = time.monotonic() + 30
+            while True:
+                assert server.poll() is None, server.communicate()[1]
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not become healthy in 30 s"
+                time.sleep(0.1)
+            while not files.gets("/big.gguf"):
+                assert time.monotonic() < deadline, "the download did not start"
+                time.sleep(0.05)
+            time.sleep(0.5)  # some bytes arrive
+
+            raw = lllms("ps", "--url", url, "--json")
+            assert raw.returncode == 0, raw.stderr
+            status = json.loads(raw.stdout)
+            [instance] = status["instances"]
+            assert instance["model"] == "chat" and instance["state"] == "idle" and len(instance["slots"]) == 2
+            assert status["models"]["big"]["state"] == "preparing"
+            [download] = status["models"]["big"]["downloads"]
+            assert download["total"] == 4_000_000 and 0 < download["percent"] < 100
+
+            table = lllms("ps", "--url", url, env={"COLUMNS": "200"})
+            assert table.returncode == 0, table.stderr
+            assert instance["id"] in table.stdout and "0/2" in table.stdout
+            assert "0 queued" in table.stdout
+            assert "% of 4.0 MB at " in table.stdout
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                _, stderr = server.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                raise
     assert server.returncode == 0, stderr
