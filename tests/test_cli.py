@@ -307,3 +307,4 @@ def test_serve_then_ps_shows_instances_and_downloads_and_sigterm_stops_it(tmp_pa
                 server.kill()
                 raise
     assert server.returncode == 0, stderr
+    assert 'level=warning logger=lllms.http msg="SIGTERM' in stderr  # quiet by default: warnings, as logfmt
