@@ -20,7 +20,7 @@ import trio
 from msgspec import Meta
 
 from lllms_core.engine import ChunkSink, Device, Engine, EngineInstance, TaskContext, normalize_embedding
-from lllms_core.errors import ContextLengthExceededError, InvalidRequestError
+from lllms_core.errors import ContextLengthExceededError, EngineError, InvalidRequestError
 from lllms_core.schemas import (
     ChatCompletionRequest,
     CompletionChunk,
@@ -37,8 +37,9 @@ from lllms_core.schemas import (
 if TYPE_CHECKING:
     from lllms_core.config import ModelConfig
 
-    from lllms_llamacpp.native import Model, SamplingParams
-    from lllms_llamacpp.scheduler import Job
+    from lllms_llamacpp.chat import ChatTemplate
+    from lllms_llamacpp.native import Context, Model, SamplingParams
+    from lllms_llamacpp.scheduler import Job, Scheduler
 
 
 class LoraAdapter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -73,7 +74,17 @@ DEFAULT_CONTEXT_PER_SEQUENCE = 4096
 
 
 class LlamaCppInstance(EngineInstance):
+    """A model with either a generation context and its scheduler, or an embedding context."""
+
     model: "Model"
+    options: LlamaCppOptions
+    n_ctx_seq: int
+    """Tokens one sequence holds (the model's ``context_size``)."""
+    context: "Context | None"
+    scheduler: "Scheduler | None"
+    embed_context: "Context | None"
+    template: "ChatTemplate | None"
+    device_info: dict[str, Any]
 
     def info(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
@@ -129,8 +140,6 @@ class LlamaCppInstance(EngineInstance):
                     context.add(token, position, seq, True)
                 spans.append((first, len(tokens)))
             if context.decode() != 0:
-                from lllms_core.errors import EngineError
-
                 raise EngineError("llama.cpp could not compute the embeddings")
             for first, length in spans:
                 rows = np.stack([context.embeddings(first + offset) for offset in range(length)])
@@ -456,6 +465,14 @@ class LlamaCppEngine(Engine):
                 result[token] = bias
         return result
 
+    @staticmethod
+    def _top_logprobs(request: Any) -> int | None:
+        """None: no logprobs; else how many alternatives per token (chat: ``logprobs`` and
+        ``top_logprobs``; text: the legacy ``logprobs`` count)."""
+        if isinstance(request, ChatCompletionRequest):
+            return (request.top_logprobs or 0) if request.logprobs or request.top_logprobs else None
+        return request.logprobs
+
     async def _complete(
         self,
         context: TaskContext,
@@ -475,11 +492,7 @@ class LlamaCppEngine(Engine):
         model = instance.model
         params = self._sampling(instance, request, grammar)
         seed = request.seed if request.seed is not None else random.getrandbits(32)
-        logprobs = request.logprobs
-        if isinstance(logprobs, bool) or logprobs is None:
-            top = (request.top_logprobs or 0) if logprobs or getattr(request, "top_logprobs", None) else None
-        else:
-            top = logprobs
+        top = self._top_logprobs(request)
         choices = request.choices
         jobs: list[Job] = []
         try:

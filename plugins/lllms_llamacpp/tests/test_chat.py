@@ -108,3 +108,11 @@ async def test_logprobs_in_openai_shape(smol):
         assert values == sorted(values, reverse=True)
         assert entry.top_logprobs[0].token == entry.token  # greedy picks the most likely token
         assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-6
+
+
+async def test_repeat_penalty_breaks_repetition(smol):
+    messages = ask("Say the word 'banana' three times.")
+    plain, _, _ = await smol.chat(messages=messages, max_tokens=24)
+    penalised, _, _ = await smol.chat(messages=messages, max_tokens=24, repeat_penalty=1.8, repeat_last_n=64)
+    assert plain.lower().count("banana") >= 6
+    assert penalised.lower().count("banana") < plain.lower().count("banana")

@@ -160,3 +160,8 @@ async def test_eight_concurrent_requests_each_get_their_own_answer(smol):
     print(f"8 sequences: {tokens} tokens in {elapsed:.2f}s = {tokens / elapsed:.1f} tokens/s")
     for word in words:
         assert word in answers[word].lower(), (word, answers[word])
+    info = smol.instance.info()
+    assert info["device"]["cpu_threads"] == 1
+    for sequence in info["sequences"][:8]:
+        assert sequence["tokens"] > 20
+        assert sequence["kv_bytes"] == sequence["tokens"] * info["kv_bytes_per_token"]
