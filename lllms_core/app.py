@@ -29,7 +29,14 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException
 
-from lllms_core.api.common import AppState, error_response, json_response, state
+from lllms_core.api.common import (
+    AppState,
+    InternalError,
+    MethodNotAllowedError,
+    error_response,
+    json_response,
+    state,
+)
 from lllms_core.api.openai import PREFIXES, api
 from lllms_core.config import Config
 from lllms_core.errors import (
@@ -45,7 +52,7 @@ from lllms_core.server import ModelServer
 log = logging.getLogger("lllms.http")
 
 TRIO_REQUIRED = "needs hypercorn's trio worker: start it with `hypercorn -k trio lllms_core.app:app`"
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 OPEN_PATHS = frozenset({"/health"})
 """Paths served without an API key."""
 
@@ -56,15 +63,6 @@ def in_trio() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-class MethodNotAllowedError(InvalidRequestError):
-    status = 405
-    code = "method_not_allowed"
-
-
-class InternalError(LllmsError):
-    code = "internal_error"
 
 
 class RequestConnection(TrioASGIHTTPConnection):
@@ -96,22 +94,22 @@ class RequestConnection(TrioASGIHTTPConnection):
                 nursery.cancel_scope.cancel()
         finally:
             seconds = time.perf_counter() - started
-            route = self.scope.get("lllms.route", "unmatched")
-            # 499: the client went away before a response started (nginx's convention)
-            app_state.metrics.request_finished(route, status or 499, seconds)
+            status = status or 499  # the client went away before a response started (nginx's convention)
+            app_state.metrics.request_finished(self.scope.get("lllms.route", "unmatched"), status, seconds)
+            method, path = self.scope["method"], self.scope["path"]
             log.info(
                 "%s %s %s %.3fs%s",
-                self.scope["method"],
-                self.scope["path"],
-                status or 499,
+                method,
+                path,
+                status,
                 seconds,
                 "" if completed else " (client disconnected)",
                 extra={
                     "request_id": request_id,
-                    "method": self.scope["method"],
-                    "path": self.scope["path"],
-                    "status": status or 499,
-                    "seconds": seconds,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "seconds": round(seconds, 6),
                     "completed": completed,
                 },
             )
@@ -120,7 +118,7 @@ class RequestConnection(TrioASGIHTTPConnection):
         for name, value in self.scope["headers"]:
             if name.lower() == b"x-request-id":
                 candidate = value.decode("latin1")
-                if REQUEST_ID.match(candidate):
+                if REQUEST_ID.fullmatch(candidate):
                     return candidate
         return "req_" + secrets.token_hex(12)
 
@@ -129,15 +127,9 @@ class LllmsApp(QuartTrio):
     asgi_http_class = RequestConnection
 
     async def __call__(self, scope, receive, send) -> None:
-        if not in_trio():
-            await refuse_without_trio(scope, receive, send)
-            return
+        if not in_trio():  # hypercorn's asyncio worker: say what to do, in one line
+            exit_at_startup(TRIO_REQUIRED)
         await super().__call__(scope, receive, send)
-
-
-async def refuse_without_trio(scope, receive, send) -> None:
-    """Under an asyncio worker: stop the start-up with one line saying what to do."""
-    exit_at_startup(TRIO_REQUIRED)
 
 
 def exit_at_startup(message: str) -> None:
@@ -174,7 +166,6 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
     app.config.update(
         MAX_CONTENT_LENGTH=http.max_body_size,
         RESPONSE_TIMEOUT=None,  # completions stream for as long as they take
-        JSON_SORT_KEYS=False,
     )
     app.extensions["lllms"] = AppState(server, Metrics(server))
     for prefix in PREFIXES:

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 from helpers.openai_schema import (
+    async_openai_client,
+    openai_client,
     parse_sse,
     validate,
     validate_chat_stream,
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.timeout(30)
 
 @pytest.fixture(scope="module")
 def client(api_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api_server.url("/v1"), api_key="unused", max_retries=0)
+    return openai_client(api_server.url("/v1"), "unused")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,7 @@ def test_stream_helper_of_the_openai_client_with_tools(client):
 
 
 async def test_async_openai_client_streams(api_server):
-    client = openai.AsyncOpenAI(base_url=api_server.url("/v1"), api_key="unused", max_retries=0)
+    client = async_openai_client(api_server.url("/v1"), "unused")
     stream = await client.chat.completions.create(
         model="chat", messages=[{"role": "user", "content": "async"}], stream=True
     )

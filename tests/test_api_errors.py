@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 from conftest import fake_models, running_server
-from helpers.openai_schema import parse_sse, validate
+from helpers.openai_schema import openai_client, parse_sse, validate
 
 from lllms_core.hookspecs import hookimpl
 from lllms_core.plugins import get_plugin_manager
@@ -147,7 +147,7 @@ def test_plugin_sampler_parameters_are_read_from_the_body():
 
 
 def test_the_openai_client_sees_the_param(api_server):
-    client = openai.OpenAI(base_url=api_server.url("/v1"), api_key="unused", max_retries=0)
+    client = openai_client(api_server.url("/v1"), "unused")
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], extra_body={"top_k": 3})
     assert raised.value.param == "top_k" and raised.value.code == "unsupported_parameter"
@@ -217,7 +217,7 @@ def test_queue_full_is_429_with_retry_after(server_factory):
             error = error_of(response, 429)
             assert error["type"] == "rate_limit_error" and error["code"] == "queue_full"
             assert int(response.headers["retry-after"]) >= 1
-            client = openai.OpenAI(base_url=busy.url("/v1"), api_key="unused", max_retries=0)
+            client = openai_client(busy.url("/v1"), "unused")
             with pytest.raises(openai.RateLimitError):
                 client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "x"}])
 
@@ -233,7 +233,7 @@ def test_an_error_after_the_stream_started_is_an_error_event(guarded_http, guard
         parse_sse(lines)  # no [DONE] after an error
     error = validate("ErrorResponse", httpx.Response(200, content=lines[-1][len("data: "):]).json())["error"]
     assert error["code"] == "model_load_failed"
-    client = openai.OpenAI(base_url=guarded.url("/v1"), api_key=KEY, max_retries=0)
+    client = openai_client(guarded.url("/v1"), KEY)
     with pytest.raises(openai.APIError, match="refuses to load"):
         for _ in client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "x"}], stream=True):
             pass
@@ -253,8 +253,8 @@ def test_api_keys(guarded):
         assert anonymous.get("/health").status_code in (200, 503)  # open, for load balancers
         assert anonymous.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=guarded.url("/v1"), api_key="sk-wrong", max_retries=0).models.list()
-    assert openai.OpenAI(base_url=guarded.url("/v1"), api_key=KEY, max_retries=0).models.list().data
+        openai_client(guarded.url("/v1"), "sk-wrong").models.list()
+    assert openai_client(guarded.url("/v1"), KEY).models.list().data
 
 
 def test_api_key_from_the_environment(monkeypatch):

@@ -17,6 +17,17 @@ T = TypeVar("T")
 _any_json = msgspec.json.Decoder()
 
 
+class MethodNotAllowedError(InvalidRequestError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class InternalError(LllmsError):
+    """A fault of lllms itself: the message gives the request id, the log the details."""
+
+    code = "internal_error"
+
+
 class AppState:
     """What the routes of one app share: the model server and the metrics."""
 

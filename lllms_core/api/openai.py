@@ -25,12 +25,13 @@ from lllms_core.api.common import (
     SSE_DONE,
     SSE_KEEPALIVE,
     AppState,
+    InternalError,
     json_response,
     read_request,
     sse,
     state,
 )
-from lllms_core.errors import EngineError, InvalidRequestError, LllmsError, ModelNotFoundError
+from lllms_core.errors import InvalidRequestError, LllmsError, ModelNotFoundError
 from lllms_core.schemas import (
     ChatCompletionRequest,
     CompletionChunk,
@@ -344,7 +345,7 @@ async def produce_events(
                 return
             except Exception:
                 log.exception("streaming failed", extra={"request_id": request_id})
-                error = EngineError(f"internal error (request id {request_id})", code="internal_error")
+                error = InternalError(f"Internal server error (request id {request_id})")
                 await send.send(sse(error.to_dict()))
                 return
             for event in events.finish():
