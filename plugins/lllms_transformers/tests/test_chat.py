@@ -1,0 +1,179 @@
+"""Chat and text completion with SmolLM2-135M-Instruct (converted from its GGUF), through
+the HTTP API with the openai client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+pytestmark = pytest.mark.timeout(240)
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def ask(client, **kwargs):
+    options = {"model": "smol", "messages": CAPITAL, "max_tokens": 10, "temperature": 0}
+    return client.chat.completions.create(**(options | kwargs))
+
+
+def test_chat_answers_and_counts_tokens(client):
+    response = ask(client)
+    choice = response.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens > 10
+    assert 0 < response.usage.completion_tokens <= 10
+
+
+def test_streaming_sends_the_same_text_in_pieces(client):
+    whole = ask(client).choices[0].message.content
+    pieces, reasons = [], []
+    for chunk in ask(client, stream=True):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            reasons.append(chunk.choices[0].finish_reason)
+    assert len([piece for piece in pieces if piece]) > 2
+    assert "".join(pieces) == whole
+    assert reasons[-1] in ("stop", "length")
+
+
+def test_a_stop_string_ends_the_answer_and_is_not_sent(client):
+    whole = ask(client).choices[0].message.content
+    assert " is " in whole
+    response = ask(client, stop=[" is"])
+    assert response.choices[0].message.content == whole.split(" is")[0]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_a_seed_repeats_a_sampled_answer(client):
+    story = [{"role": "user", "content": "Tell me a story about a dragon."}]
+    first, second = (
+        ask(client, messages=story, temperature=1.2, seed=7, max_tokens=8).choices[0].message.content for _ in range(2)
+    )
+    assert first == second
+    others = {ask(client, messages=story, temperature=1.2, seed=seed, max_tokens=8).choices[0].message.content for seed in (1, 2, 3)}
+    assert len(others | {first}) > 1
+
+
+def test_a_follow_up_turn_reuses_the_cached_context(client):
+    first = ask(client)
+    follow_up = CAPITAL + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And of Germany?"},
+    ]
+    second = ask(client, messages=follow_up)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens
+    assert cached < second.usage.prompt_tokens
+
+
+def test_logprobs_come_with_alternatives(client):
+    response = ask(client, logprobs=True, top_logprobs=2, max_tokens=4)
+    content = response.choices[0].logprobs.content
+    assert len(content) >= 1
+    assert all(len(item.top_logprobs) == 2 and item.logprob <= 0 for item in content)
+    assert "".join(item.token for item in content) == response.choices[0].message.content
+
+
+def test_json_schema_output_parses_and_matches(client):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    response = ask(
+        client,
+        messages=[{"role": "user", "content": "Describe a person as JSON with a name and an age."}],
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}},
+    )
+    value = json.loads(response.choices[0].message.content)
+    jsonschema.validate(value, schema)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_a_required_tool_call_comes_back_as_a_tool_call(client):
+    response = ask(
+        client,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=40,
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.id and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_a_streamed_tool_call_starts_with_its_id_and_name(client):
+    deltas, reasons = [], []
+    for chunk in ask(
+        client,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+        max_tokens=40,
+        stream=True,
+    ):
+        if chunk.choices:
+            deltas.extend(chunk.choices[0].delta.tool_calls or [])
+            reasons.append(chunk.choices[0].finish_reason)
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert all(delta.index == 0 and not delta.id for delta in deltas[1:])
+    json.loads("".join(delta.function.arguments or "" for delta in deltas))
+    assert reasons[-1] == "tool_calls"
+
+
+def test_a_parameter_the_engine_cannot_honour_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, frequency_penalty=0.5)
+    assert refused.value.status_code == 400
+    assert refused.value.body["param"] == "frequency_penalty"
+    assert refused.value.body["code"] == "unsupported_parameter"
+
+
+def test_text_completion_continues_a_prompt(client):
+    response = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=4, temperature=0, echo=True)
+    text = response.choices[0].text
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
+
+
+def test_a_cancelled_stream_frees_the_instance(client, base_url):
+    story = [{"role": "user", "content": "Write a very long story about the sea."}]
+    started = time.monotonic()
+    with ask(client, messages=story, max_tokens=400, temperature=0, stream=True) as stream:
+        received = 0
+        for chunk in stream:
+            received += bool(chunk.choices and chunk.choices[0].delta.content)
+            if received >= 2:
+                break
+    deadline = time.monotonic() + 30
+    while True:
+        status = httpx.get(base_url + "/").json()
+        if status["processing"] == 0:
+            break
+        assert time.monotonic() < deadline, "the cancelled generation kept the instance busy"
+        time.sleep(0.2)
+    assert "Paris" in ask(client).choices[0].message.content
+    # 400 tokens would take far longer than this on the CPU
+    assert time.monotonic() - started < 60
