@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import trio
@@ -69,24 +68,8 @@ class RunningServer:
         self._thread.join(timeout)
 
 
-@contextmanager
-def running_server(config: Any) -> Iterator[RunningServer]:
-    """``with running_server(config) as server:`` an lllms HTTP server for the block."""
-    server = RunningServer(config).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def fake_models(**models: dict) -> dict[str, dict]:
-    """Model tables for the fake engine: ``fake_models(chat={}, slow={"token_delay": 0.05})``."""
-    return {name: {"engine": "fake", **spec} for name, spec in models.items()}
-
-
-@pytest.fixture(scope="session")
-def server_factory() -> Iterator[Any]:
-    """Start servers that live until the end of the session: ``server_factory(config)``."""
+def start_servers() -> tuple[Callable[[Any], RunningServer], Callable[[], None]]:
+    """A function that starts servers, and one that stops all it started."""
     servers: list[RunningServer] = []
 
     def start(config: Any) -> RunningServer:
@@ -94,30 +77,45 @@ def server_factory() -> Iterator[Any]:
         servers.append(server)
         return server
 
+    def stop_all() -> None:
+        for server in servers:
+            server.stop()
+
+    return start, stop_all
+
+
+@pytest.fixture(scope="session")
+def server_factory() -> Iterator[Callable[[Any], RunningServer]]:
+    """``server_factory(config)``: a running server that lives until the end of the
+    session. ``config``: a config dict, TOML path, Config or ModelServer."""
+    start, stop_all = start_servers()
     yield start
-    for server in servers:
-        server.stop()
+    stop_all()
 
 
-SLOW_WORDS = 200
-"""Words the ``slow`` model of ``api_server`` answers, one per 50 ms: 10 s in all."""
+@pytest.fixture
+def server_for_test() -> Iterator[Callable[[Any], RunningServer]]:
+    """``server_for_test(config)``: a running server that stops when the test ends."""
+    start, stop_all = start_servers()
+    yield start
+    stop_all()
 
 
 @pytest.fixture(scope="session")
 def api_server(server_factory) -> RunningServer:
     """One server with a fake model for each task: ``chat`` (4 slots), ``slow`` (a
-    ``SLOW_WORDS``-word answer at 20 tokens/s, one slot), ``lazy`` (takes 0.5 s to load,
-    disposed when idle), ``embed`` and ``whisper``. Keep-alive comments every 0.1 s."""
+    200-word answer at 20 tokens/s, one slot), ``lazy`` (takes 0.5 s to load, disposed
+    when idle), ``embed`` and ``whisper``. Keep-alive comments every 0.1 s."""
     return server_factory(
         {
             "server": {"concurrency": 8},
             "http": {"keepalive_interval": 0.1},
-            "models": fake_models(
-                chat={"slots": 4},
-                slow={"token_delay": 0.05, "reply": " ".join(["word"] * SLOW_WORDS)},
-                lazy={"load_delay": 0.5, "ttl": 0},
-                embed={"task": "embedding"},
-                whisper={"task": "speech-to-text"},
-            ),
+            "models": {
+                "chat": {"engine": "fake", "slots": 4},
+                "slow": {"engine": "fake", "token_delay": 0.05, "reply": " ".join(["word"] * 200)},
+                "lazy": {"engine": "fake", "load_delay": 0.5, "ttl": 0},
+                "embed": {"engine": "fake", "task": "embedding"},
+                "whisper": {"engine": "fake", "task": "speech-to-text"},
+            },
         }
     )

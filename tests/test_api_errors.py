@@ -6,7 +6,6 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import fake_models, running_server
 from helpers.openai_schema import openai_client, parse_sse, validate
 
 from lllms_core.hookspecs import hookimpl
@@ -32,7 +31,7 @@ def guarded(server_factory):
     return server_factory(
         {
             "http": {"api_keys": [KEY], "cors_origins": [ORIGIN], "max_body_size": 4096},
-            "models": fake_models(chat={}, broken={"fail_loads": 1_000_000}),
+            "models": {"chat": {"engine": "fake"}, "broken": {"engine": "fake", "fail_loads": 1_000_000}},
         }
     )
 
@@ -136,11 +135,12 @@ class BananaSampler:
         )
 
 
-def test_plugin_sampler_parameters_are_read_from_the_body():
+def test_plugin_sampler_parameters_are_read_from_the_body(server_for_test):
     plugins = get_plugin_manager()
     plugins.register(BananaSampler(), name="banana")
-    server = ModelServer({"models": fake_models(chat={})}, plugins=plugins, wait_ready=False)
-    with running_server(server) as running, httpx.Client(base_url=running.base_url, timeout=20) as http_client:
+    server = ModelServer({"models": {"chat": {"engine": "fake"}}}, plugins=plugins, wait_ready=False)
+    running = server_for_test(server)
+    with httpx.Client(base_url=running.base_url, timeout=20) as http_client:
         error = error_of(http_client.post("/v1/chat/completions", json=chat(banana_strength=2)), 400)
         assert error["param"] == "banana_strength"
         assert http_client.post("/v1/chat/completions", json=chat(banana_strength=None)).status_code == 200
@@ -203,7 +203,7 @@ def test_queue_full_is_429_with_retry_after(server_factory):
     busy = server_factory(
         {
             "server": {"concurrency": 1, "max_queue": 0},
-            "models": fake_models(slow={"token_delay": 0.05, "reply": " ".join(["w"] * 100), "min_instances": 1}),
+            "models": {"slow": {"engine": "fake", "token_delay": 0.05, "reply": " ".join(["w"] * 100), "min_instances": 1}},
         }
     )
     with httpx.Client(base_url=busy.base_url, timeout=20) as http_client:
@@ -257,10 +257,10 @@ def test_api_keys(guarded):
     assert openai_client(guarded.url("/v1"), KEY).models.list().data
 
 
-def test_api_key_from_the_environment(monkeypatch):
+def test_api_key_from_the_environment(monkeypatch, server_for_test):
     monkeypatch.setenv("LLLMS_API_KEY", "sk-from-env")
-    with running_server({"models": fake_models(chat={})}) as server:
-        with httpx.Client(base_url=server.base_url, timeout=20) as http_client:
+    server = server_for_test({"models": {"chat": {"engine": "fake"}}})
+    with httpx.Client(base_url=server.base_url, timeout=20) as http_client:
             error_of(http_client.get("/v1/models"), 401)
             ok = http_client.get("/v1/models", headers={"Authorization": "Bearer sk-from-env"})
             assert ok.status_code == 200

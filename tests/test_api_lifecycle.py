@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-from conftest import SLOW_WORDS, fake_models, running_server
 from helpers.openai_schema import parse_sse, validate
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,9 +36,9 @@ def http(api_server):
         yield http_client
 
 
-def test_health_is_503_until_the_startup_models_are_loaded():
-    config = {"models": fake_models(big={"load_delay": 1.0, "min_instances": 1})}
-    with running_server(config) as server, httpx.Client(base_url=server.base_url, timeout=10) as http_client:
+def test_health_is_503_until_the_startup_models_are_loaded(server_for_test):
+    server = server_for_test({"models": {"big": {"engine": "fake", "load_delay": 1.0, "min_instances": 1}}})
+    with httpx.Client(base_url=server.base_url, timeout=10) as http_client:
         loading = http_client.get("/health")
         assert (loading.status_code, loading.json()) == (503, {"status": "loading"})
         assert http_client.get("/").json()["ready"] is False
@@ -47,19 +46,20 @@ def test_health_is_503_until_the_startup_models_are_loaded():
         assert http_client.get("/health").json() == {"status": "ok"}
 
 
-def test_an_abandoned_stream_frees_the_instance_at_once(http):
+def test_an_abandoned_stream_frees_the_instance_at_once(http, api_server):
+    words = len(api_server.config["models"]["slow"]["reply"].split())
     body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         assert slot_busy(http, "slow")
-    # leaving the block closed the connection with ~SLOW_WORDS tokens still to go
+    # leaving the block closed the connection with nearly all the words still to go
     wait_until(lambda: not slot_busy(http, "slow"), timeout=2.0)
     started = time.monotonic()
     reply = http.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3})
     assert reply.json()["choices"][0]["message"]["content"] == "word word word"
-    # the abandoned answer would have needed SLOW_WORDS × 50 ms = 10 s more
-    assert time.monotonic() - started < SLOW_WORDS * 0.05 / 2
+    # the abandoned answer would have needed words × 50 ms (10 s) more
+    assert time.monotonic() - started < words * 0.05 / 2
 
 
 def test_an_abandoned_request_frees_the_instance_at_once(http):
@@ -111,7 +111,7 @@ class ServerProcess:
 def slow_config(words: int, grace: float) -> dict:
     return {
         "http": {"shutdown_grace": grace},
-        "models": fake_models(slow={"token_delay": 0.05, "reply": " ".join(["word"] * words), "min_instances": 1}),
+        "models": {"slow": {"engine": "fake", "token_delay": 0.05, "reply": " ".join(["word"] * words), "min_instances": 1}},
     }
 
 
