@@ -101,10 +101,10 @@ def compatible_model(path: Path, facts: GgufFacts, cache_dir: Path, name: str) -
             f"and which has no known equivalent; use the llama.cpp engine for this model"
         )
     copy = cache_dir / "gpt4all-compat" / f"{name}.gguf"
-    if _is_current_copy(path, copy, replacement):
+    assert facts.pre_tokenizer_offset is not None
+    if _is_current_copy(path, copy, facts.pre_tokenizer_offset, replacement):
         log.debug("using the gpt4all-compatible copy %s", copy)
         return copy
-    assert facts.pre_tokenizer_offset is not None
     copy.parent.mkdir(parents=True, exist_ok=True)
     partial = copy.with_name(f"{copy.name}.{os.getpid()}.part")
     try:
@@ -125,14 +125,18 @@ def compatible_model(path: Path, facts: GgufFacts, cache_dir: Path, name: str) -
     return copy
 
 
-def _is_current_copy(original: Path, copy: Path, pre_tokenizer: str) -> bool:
+def _is_current_copy(original: Path, copy: Path, offset: int, pre_tokenizer: str) -> bool:
+    """Whether ``copy`` was made from ``original`` as it is now: the same size, written
+    after it, with the replacement where the original has its pre-tokenizer."""
     try:
         original_stat, copy_stat = original.stat(), copy.stat()
+        if copy_stat.st_size != original_stat.st_size or copy_stat.st_mtime < original_stat.st_mtime:
+            return False
+        with open(copy, "rb") as file:
+            file.seek(offset)
+            return file.read(len(pre_tokenizer)) == pre_tokenizer.encode()
     except FileNotFoundError:
         return False
-    if copy_stat.st_size != original_stat.st_size or copy_stat.st_mtime < original_stat.st_mtime:
-        return False
-    return read_gguf(copy).pre_tokenizer == pre_tokenizer
 
 
 def copy_name(path: Path, sha256: str | None) -> str:

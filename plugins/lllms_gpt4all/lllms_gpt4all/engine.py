@@ -124,7 +124,8 @@ def native_device(device: Device) -> tuple[str, str | None]:
 
 class Generation:
     """One request's callbacks from gpt4all's thread: counts tokens, holds back stop
-    strings, sends chunks, and stops gpt4all once the request is cancelled."""
+    strings and sends chunks. Both raise ``trio.Cancelled`` once the request is
+    cancelled, which stops gpt4all (see :meth:`NativeModel.prompt`)."""
 
     def __init__(self, sink: ChunkSink | None = None, stops: list[str] = (), max_tokens: int = 0):
         self.sink = sink
@@ -135,15 +136,10 @@ class Generation:
         self.text = ""
         """Everything generated, stop strings included: what the context holds."""
         self.stopped = False
-        self.cancelled: trio.Cancelled | None = None
 
     def on_prompt_token(self) -> bool:
         self.prompt_tokens += 1
-        try:
-            trio.from_thread.check_cancelled()
-        except trio.Cancelled as cancelled:
-            self.cancelled = cancelled
-            return False
+        trio.from_thread.check_cancelled()
         return True
 
     def on_token(self, text: str) -> bool:
@@ -152,27 +148,16 @@ class Generation:
         emitted, self.stopped = self.filter.push(text)
         if emitted:
             self._send(emitted)
-        return not (self.stopped or self.cancelled)
+        return not self.stopped
 
     def _send(self, text: str) -> None:
         assert self.sink is not None
-        try:
-            self.sink.send_from_thread(CompletionChunk(text=text))
-        except trio.Cancelled as cancelled:
-            self.cancelled = cancelled
-
-    def raise_if_cancelled(self) -> None:
-        if self.cancelled is not None:
-            raise self.cancelled
+        self.sink.send_from_thread(CompletionChunk(text=text))
 
     def finish(self) -> None:
-        """After generation: raise if cancelled, else send what was held back."""
-        self.raise_if_cancelled()
-        if not self.stopped:
-            rest = self.filter.flush()
-            if rest:
-                self._send(rest)
-                self.raise_if_cancelled()
+        """After generation: send what was held back as a possible stop string."""
+        if not self.stopped and (rest := self.filter.flush()):
+            self._send(rest)
 
     @property
     def finish_reason(self) -> Literal["stop", "length"]:
@@ -341,7 +326,6 @@ class Gpt4AllEngine(Engine):
             cached = native.n_past
             for role, text in history[kept:]:
                 native.prompt(text, chat_format.template(role), special=False, on_prompt_token=generation.on_prompt_token)
-                generation.raise_if_cancelled()
                 evaluated.turns.append((role, text))
                 evaluated.ends.append(native.n_past)
             native.prompt(
@@ -423,24 +407,14 @@ class Gpt4AllEngine(Engine):
         )
 
     async def embedding(self, context: TaskContext, request: EmbeddingRequest) -> EmbeddingResult:
-        from lllms_gpt4all.native import EmbeddingCancelled
-
         instance: Gpt4AllInstance = context.instance
         options: Gpt4AllOptions = context.model.options or Gpt4AllOptions()
         texts = [text for text in request.inputs if isinstance(text, str)]  # token inputs are refused by the core
         if not all(texts):
             raise InvalidRequestError("an input is empty", param="input")
-        watcher = Generation()
-
-        def cancelled() -> bool:
-            return not watcher.on_prompt_token()
 
         def run() -> tuple[list[list[float]], int]:
-            try:
-                return instance.native.embed(texts, options.embedding_prefix, cancelled)
-            except EmbeddingCancelled:
-                watcher.raise_if_cancelled()
-                raise
+            return instance.native.embed(texts, options.embedding_prefix, trio.from_thread.check_cancelled)
 
         vectors, tokens = await self._run(instance, run)
         return EmbeddingResult(

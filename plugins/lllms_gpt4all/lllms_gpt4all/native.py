@@ -138,24 +138,27 @@ class NativeModel:
 
         ``special``: whether special-token text in ``text`` becomes special tokens (the
         template's always does). ``on_prompt_token()`` is called per evaluated prompt token,
-        ``on_token(text)`` per generated token; either stops gpt4all by returning False.
-        Raises :class:`PromptError` when gpt4all refuses the prompt."""
+        ``on_token(text)`` per generated token; either stops gpt4all by returning False or
+        by raising (``trio.Cancelled`` from a cancelled request): then gpt4all stops and
+        the exception is raised here once it has. Raises :class:`PromptError` when gpt4all
+        refuses the prompt."""
         context = self.context
         context.n_predict = max_tokens
         for name, value in (sampling or {}).items():
             setattr(context, name, value)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         refusal: list[str] = []
+        failure: list[BaseException] = []
 
         def prompt_callback(token_id: int) -> bool:
-            return on_prompt_token()
+            return _guarded(failure, on_prompt_token)
 
         def response_callback(token_id: int, piece: bytes) -> bool:
             if token_id == -1:  # gpt4all's way of reporting an error
                 refusal.append(piece.decode("utf-8", "replace"))
                 return False
             assert on_token is not None
-            return on_token(decoder.decode(piece))
+            return _guarded(failure, on_token, decoder.decode(piece))
 
         llmodel.llmodel_prompt(
             self.llm.model,
@@ -168,23 +171,37 @@ class NativeModel:
             special,
             ctypes.c_char_p(),
         )
+        if failure:
+            raise failure[0]
         if refusal:
             raise PromptError(refusal[0])
 
-    def embed(self, texts: list[str], prefix: str, cancelled: Callable[[], bool]) -> tuple[list[list[float]], int]:
+    def embed(self, texts: list[str], prefix: str, check: Callable[[], object]) -> tuple[list[list[float]], int]:
         """Embeddings of ``texts`` (a text longer than the context is the mean of its
-        chunks), and the number of tokens read. ``cancelled()`` is polled between batches."""
+        chunks), and the number of tokens read. ``check()`` is called between batches; what
+        it raises stops gpt4all and is raised here."""
+        failure: list[BaseException] = []
+
+        def cancel(batch_sizes, backend) -> bool:
+            return not _guarded(failure, lambda: check() or True)
+
         try:
-            result = self.llm.generate_embeddings(
-                texts, prefix, -1, True, False, lambda batch_sizes, backend: cancelled()
-            )
+            result = self.llm.generate_embeddings(texts, prefix, -1, True, False, cancel)
         except _pyllmodel.CancellationError:
-            raise EmbeddingCancelled from None
+            raise failure[0] from None
         return result["embeddings"], result["n_prompt_tokens"]
 
 
-class EmbeddingCancelled(Exception):
-    pass
+def _guarded(failure: list[BaseException], callback: Callable[..., bool], *args) -> bool:
+    """Call a callback for gpt4all: an exception (which must not cross into C) is kept
+    in ``failure`` and stops gpt4all."""
+    if failure:
+        return False
+    try:
+        return callback(*args)
+    except BaseException as error:
+        failure.append(error)
+        return False
 
 
 def too_long(error: PromptError, context_size: int) -> ContextLengthExceededError:
