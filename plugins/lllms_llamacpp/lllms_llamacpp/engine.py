@@ -266,7 +266,7 @@ class LlamaCppEngine(Engine):
         from lllms_llamacpp.chat import prepare_messages, tool_definitions
         from lllms_llamacpp.grammars import tool_call_grammar
 
-        instance: LlamaCppInstance = context.instance
+        instance = self._generator(context)
         options = instance.options
         template = instance.template
         use_tools = bool(request.tools) and request.tool_choice != "none"
@@ -302,7 +302,7 @@ class LlamaCppEngine(Engine):
     async def text_completion(
         self, context: TaskContext, request: TextCompletionRequest, sink: ChunkSink
     ) -> CompletionResult:
-        instance: LlamaCppInstance = context.instance
+        instance = self._generator(context)
         model = instance.model
         grammar = self._grammar(request, instance.options)
         prompts, echoes = [], []
@@ -355,6 +355,13 @@ class LlamaCppEngine(Engine):
         )
 
     # --- helpers ----------------------------------------------------------------
+
+    @staticmethod
+    def _generator(context: TaskContext) -> LlamaCppInstance:
+        instance: LlamaCppInstance = context.instance
+        if instance.scheduler is None:
+            raise InvalidRequestError(f"model {context.model.id!r} is configured for embeddings only", param="model")
+        return instance
 
     def _grammar(self, request: Any, options: LlamaCppOptions) -> str | None:
         from lllms_llamacpp.grammars import json_object_grammar, schema_grammar

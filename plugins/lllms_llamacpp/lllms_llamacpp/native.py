@@ -72,6 +72,10 @@ class Model:
             getter(self.vocab)
             for getter in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf, llama_cpp.llama_vocab_fim_mid)
         )
+        self.recurrent = bool(
+            llama_cpp.llama_model_is_recurrent(self.pointer) or llama_cpp.llama_model_is_hybrid(self.pointer)
+        )
+        """A recurrent state cannot be cut back to a prefix, nor copied in part."""
         self._pieces: dict[int, bytes] = {}
         self._eog = np.array([bool(llama_cpp.llama_vocab_is_eog(self.vocab, t)) for t in range(self.n_vocab)])
         n_layer = llama_cpp.llama_model_n_layer(self.pointer)

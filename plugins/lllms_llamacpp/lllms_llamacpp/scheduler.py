@@ -199,9 +199,11 @@ class Scheduler:
             state.tokens = []
         limit = len(prompt) if job.evaluate_only else len(prompt) - 1  # the last token gives the logits
         own = min(common_prefix(state.tokens, prompt), limit)
+        if self.model.recurrent and own < len(state.tokens):
+            own = 0
         source, best = seq, own
         for other, other_state in enumerate(self.sequences):
-            if other != seq:
+            if other != seq and not self.model.recurrent:
                 length = min(common_prefix(other_state.tokens, prompt), limit)
                 if length > best:
                     source, best = other, length

@@ -3,7 +3,8 @@
 The instances are loaded through the engine's synchronous loader outside trio, so
 each trio test reuses them; tests pick distinct slots where their contexts matter.
 Decoding uses one CPU thread: on a shared 2-core machine two spinning ggml
-threads are many times slower than one.
+threads are many times slower than one. Helpers reach tests as fixtures (the
+tests run in pytest's importlib mode, where a test folder is not importable).
 """
 
 from __future__ import annotations
@@ -86,3 +87,14 @@ def embedder() -> Loaded:
     loaded = Loaded(model_config(task="embedding", parallel=4))
     yield loaded
     loaded.instance.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    return smollm2_path()
+
+
+@pytest.fixture(name="model_config", scope="session")
+def model_config_factory():
+    """``model_config(task=..., context_size=..., **options)`` builds a ModelConfig."""
+    return model_config

@@ -12,7 +12,6 @@ from lllms_core.engine import ChunkSink
 from lllms_core.errors import ContextLengthExceededError
 from lllms_core.schemas import AssistantMessage, ChatCompletionRequest, SystemMessage, UserMessage
 
-from conftest import model_config
 
 
 async def test_second_turn_reuses_the_first_turns_tokens(smol):
@@ -44,7 +43,7 @@ async def test_a_shared_system_prompt_is_copied_from_another_sequence(smol):
     assert second.usage.cached_tokens > 100
 
 
-async def test_preload_evaluates_initial_messages_into_the_slot(smol):
+async def test_preload_evaluates_initial_messages_into_the_slot(smol, model_config):
     config = model_config(parallel=8)
     config.initial_messages = [ChatMessageConfig(role="system", content="You are a librarian who loves old maps. " * 5)]
     await smol.engine.preload(smol.context(slot=7, config=config, fresh=True))
@@ -56,7 +55,7 @@ async def test_preload_evaluates_initial_messages_into_the_slot(smol):
     assert result.usage.cached_tokens >= preloaded - 2
 
 
-async def test_text_prefix_preload(smol):
+async def test_text_prefix_preload(smol, model_config):
     config = model_config(parallel=8)
     config.prefix = "Once upon a time, in a kingdom far away, there lived a"
     await smol.engine.preload(smol.context(slot=7, config=config, fresh=True))
@@ -165,3 +164,14 @@ async def test_eight_concurrent_requests_each_get_their_own_answer(smol):
     for sequence in info["sequences"][:8]:
         assert sequence["tokens"] > 20
         assert sequence["kv_bytes"] == sequence["tokens"] * info["kv_bytes_per_token"]
+
+
+async def test_choices_outgrowing_the_kv_cells_end_with_length(strict):
+    # one sequence of 256 cells, three choices each allowed to fill it: the cells run out
+    prompt = "Write a very long story about a dragon: "
+    _, chunks, result = await strict.complete(prompt=prompt, n=3, max_tokens=None, temperature=1.0, seed=3,
+                                              logit_bias={"2": -100, "0": -100})
+    assert set(result.finish_reasons) <= {"length", "stop"}
+    assert result.usage.completion_tokens > 100
+    text, _, _ = await strict.chat(messages=[UserMessage(content="Say hello.")], max_tokens=3)
+    assert text

@@ -8,16 +8,15 @@ import trio
 
 from lllms_core.server import ModelServer
 
-from conftest import smollm2_path
 
 
-def config() -> dict:
+def config(model_file) -> dict:
     return {
         "server": {"concurrency": 4},
         "models": {
             "smol": {
                 "engine": "llamacpp",
-                "location": str(smollm2_path()),
+                "location": str(model_file),
                 "context_size": 512,
                 "parallel": 4,
                 "device": {"gpu": False, "cpu_threads": 1},
@@ -27,15 +26,15 @@ def config() -> dict:
             "smol-embed": {
                 "engine": "llamacpp",
                 "task": "embedding",
-                "location": str(smollm2_path()),
+                "location": str(model_file),
                 "context_size": 256,
             },
         },
     }
 
 
-async def test_chat_text_and_embeddings_through_the_server():
-    async with ModelServer(config()) as server:
+async def test_chat_text_and_embeddings_through_the_server(smollm2_file):
+    async with ModelServer(config(smollm2_file)) as server:
         system = {"role": "system", "content": "Your name is Bartholomew."}
         question = {"role": "user", "content": "What is your name?"}
         first = await server.chat_completion({"model": "smol", "messages": [system, question], "max_tokens": 8})
@@ -53,7 +52,7 @@ async def test_chat_text_and_embeddings_through_the_server():
         assert len(embedded.embeddings) == 3
 
 
-async def test_concurrent_streams_and_a_forced_tool_call():
+async def test_concurrent_streams_and_a_forced_tool_call(smollm2_file):
     tool = {
         "type": "function",
         "function": {
@@ -61,7 +60,7 @@ async def test_concurrent_streams_and_a_forced_tool_call():
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
         },
     }
-    async with ModelServer(config()) as server:
+    async with ModelServer(config(smollm2_file)) as server:
         answers: dict[str, str] = {}
 
         async def ask(word: str) -> None:
