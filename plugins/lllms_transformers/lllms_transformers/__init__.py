@@ -86,6 +86,12 @@ class TransformersEngine(Engine):
         instance.slot_states = [None] * instance.slots
         await trio.to_thread.run_sync(loaded.close)
 
+    async def preload(self, context):
+        if context.model.task in ("chat-completion", "text-completion"):
+            from lllms_transformers import generation
+
+            await generation.preload(context)
+
     async def chat_completion(self, context, request, sink):
         from lllms_transformers import generation
 

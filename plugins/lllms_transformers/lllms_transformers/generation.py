@@ -389,6 +389,29 @@ async def _run_choices(context, prompt: list[int], sampling, grammar, make_outpu
     return reasons, Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens, cached_tokens=cached)
 
 
+def preload_slot(generator: TextGenerator, state: SlotState, tokens: list[int]) -> None:
+    """Evaluate ``tokens`` into the slot's cache, for requests that start with them."""
+    cache = DynamicCache(config=generator.model.config)
+    with torch.inference_mode():
+        generator.model(input_ids=torch.tensor([tokens], device=generator.device), cache=cache, use_cache=True)
+    state.tokens, state.cache = list(tokens), cache
+
+
+async def preload(context) -> None:
+    """The model's ``initial_messages`` (through the chat template) or ``prefix`` into the slot."""
+    generator: TextGenerator = context.instance.loaded
+    model = context.model
+    if model.initial_messages and generator.template:
+        messages = [{"role": message.role, "content": message.content} for message in model.initial_messages]
+        text = generator.tokenizer.apply_chat_template(messages, tokenize=False)
+        tokens = generator.tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif model.prefix:
+        tokens = generator.tokenizer(model.prefix)["input_ids"]
+    else:
+        return
+    await trio.to_thread.run_sync(preload_slot, generator, _slot_state(context), tokens, limiter=context.instance.limiter)
+
+
 # --- chat -------------------------------------------------------------------------------
 
 

