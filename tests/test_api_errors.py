@@ -287,3 +287,36 @@ def test_cors(guarded, http):
         assert "access-control-allow-origin" not in stranger.headers
     # CORS is off unless configured
     assert "access-control-allow-origin" not in http.get("/v1/models", headers={"Origin": ORIGIN}).headers
+
+
+# --- faults --------------------------------------------------------------------------------
+
+
+def test_an_internal_fault_is_a_500_without_internals_logged_with_the_request_id(http, monkeypatch, caplog):
+    import lllms_core.api.openai as openai_api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(openai_api, "chat_completion_body", broken)
+    caplog.set_level("INFO", logger="lllms.http")
+    response = http.post("/v1/chat/completions", json=chat(), headers={"x-request-id": "fault-1"})
+    error = error_of(response, 500)
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert "fault-1" in error["message"] and "secret" not in error["message"]
+    records = [record for record in caplog.records if getattr(record, "request_id", None) == "fault-1"]
+    assert any(record.exc_info and "secret internals" in str(record.exc_info[1]) for record in records)
+    assert any(getattr(record, "status", None) == 500 for record in records)
+
+
+def test_an_internal_fault_while_streaming_is_an_error_event(http, monkeypatch):
+    import lllms_core.api.openai as openai_api
+
+    def broken(self, stream, chunk):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(openai_api.ChatEvents, "chunk", broken)
+    with http.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as response:
+        lines = [line for line in response.iter_lines() if line]
+    error = validate("ErrorResponse", httpx.Response(200, content=lines[-1][len("data: "):]).json())["error"]
+    assert error["code"] == "internal_error" and "secret" not in error["message"]
