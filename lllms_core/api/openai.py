@@ -126,7 +126,8 @@ def chat_completion_body(stream: CompletionStream, chat: ChatCompletionRequest) 
 
 def text_completion_body(streams: list[CompletionStream], completion: TextCompletionRequest) -> dict[str, Any]:
     choices = []
-    for offset, stream in zip(range(0, len(streams) * completion.choices, completion.choices), streams):
+    for number, stream in enumerate(streams):
+        offset = number * completion.choices  # each prompt's n choices follow the previous prompt's
         for choice in stream.choices:
             logprobs = None
             if completion.logprobs is not None:
@@ -264,13 +265,9 @@ class TextEvents(ChunkEvents):
 async def open_text_streams(server, completion: TextCompletionRequest) -> AsyncIterator[list[CompletionStream]]:
     """One facade stream per prompt (the facade serves one prompt per call), all
     queued at once so that they run concurrently, each in its own slot."""
-    prompts = completion.prompts
     async with AsyncExitStack() as stack:
-        if len(prompts) == 1:
-            yield [await stack.enter_async_context(server.stream_text_completion(completion))]
-            return
         streams = []
-        for prompt in prompts:
+        for prompt in completion.prompts:
             single = msgspec.structs.replace(completion, prompt=prompt)
             streams.append(await stack.enter_async_context(server.stream_text_completion(single)))
         yield streams
