@@ -201,3 +201,17 @@ def test_unknown_pre_tokenizer_is_a_load_error_naming_it(served):
     error = response.json()["error"]
     assert error["code"] == "model_load_failed"
     assert "'future-bpe'" in error["message"]
+
+
+def test_a_message_longer_than_the_context_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as raised:
+        ask(client, [{"role": "user", "content": "word " * 3000}])
+    assert raised.value.body["code"] == "context_length_exceeded"
+    # the instance is fine afterwards
+    assert "Paris" in ask(client, [{"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
+
+
+def test_several_prompts_in_one_text_completion_each_get_a_completion(client):
+    response = client.completions.create(model="smol", prompt=["The capital of France is", "One, two,"], **GREEDY)
+    assert [choice.index for choice in response.choices] == [0, 1]
+    assert "Paris" in response.choices[0].text
