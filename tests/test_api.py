@@ -191,7 +191,7 @@ async def test_async_openai_client_streams(api_server):
     await client.close()
 
 
-def test_keepalive_comments_while_waiting_for_an_instance(http):
+def test_keepalive_comments_while_waiting_for_an_instance(http, client):
     # "lazy" takes 0.5 s to load and keep-alives go out every 0.1 s until the first chunk
     lines = stream_lines(http, "/v1/chat/completions", {"model": "lazy", **user("wake up"), "stream": True})
     chunks, comments = parse_sse(lines)
@@ -199,6 +199,9 @@ def test_keepalive_comments_while_waiting_for_an_instance(http):
     assert lines.index(comments[0]) < lines.index(next(line for line in lines if line.startswith("data:")))
     for chunk in chunks:
         validate("CreateChatCompletionStreamResponse", chunk)
+    # SSE clients skip comments
+    stream = client.chat.completions.create(model="lazy", messages=[{"role": "user", "content": "again"}], stream=True)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == "You said: again"
 
 
 # --- completions --------------------------------------------------------------------
