@@ -115,7 +115,8 @@ class GrammarCompiler:
         if tools_active:
             return self.for_tools(request)
         if isinstance(response_format, ResponseFormatJsonObject):
-            return self.compiler.compile_builtin_json_grammar()
+            # an object, as OpenAI's json_object; compact, so a small model cannot loop on whitespace
+            return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         if isinstance(response_format, ResponseFormatJsonSchema):
             schema = response_format.json_schema.schema
             schema = {"type": "object"} if schema is msgspec.UNSET else schema

@@ -106,6 +106,16 @@ def test_json_schema_output_parses_and_matches(client):
     jsonschema.validate(value, schema)
 
 
+def test_json_object_output_is_an_object(client):
+    response = ask(
+        client,
+        messages=[{"role": "user", "content": "List three colours in JSON."}],
+        max_tokens=40,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(response.choices[0].message.content), dict)
+
+
 WEATHER = {
     "type": "function",
     "function": {
