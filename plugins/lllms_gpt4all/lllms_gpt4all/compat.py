@@ -14,8 +14,10 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
+import filelock
 import msgspec
 
 from lllms_core.errors import ModelLoadError
@@ -101,23 +103,30 @@ def compatible_model(path: Path, facts: GgufFacts, cache_dir: Path, name: str) -
             f"and which has no known equivalent; use the llama.cpp engine for this model"
         )
     copy = cache_dir / "gpt4all-compat" / f"{name}.gguf"
-    assert facts.pre_tokenizer_offset is not None
-    if _is_current_copy(path, copy, facts.pre_tokenizer_offset, replacement):
+    offset = facts.pre_tokenizer_offset
+    assert offset is not None
+    if _is_current_copy(path, copy, offset, replacement):
         log.debug("using the gpt4all-compatible copy %s", copy)
         return copy
     copy.parent.mkdir(parents=True, exist_ok=True)
-    partial = copy.with_name(f"{copy.name}.{os.getpid()}.part")
-    try:
-        shutil.copyfile(path, partial)
-        with open(partial, "r+b") as file:
-            file.seek(facts.pre_tokenizer_offset)
-            if file.read(len(pre)) != pre.encode():
-                raise ModelLoadError(f"{path.name}: the pre-tokenizer value is not where the GGUF reader put it")
-            file.seek(facts.pre_tokenizer_offset)
-            file.write(replacement.encode())
-        os.replace(partial, copy)
-    finally:
-        partial.unlink(missing_ok=True)
+    # one writer at a time, across threads (two models may share a file) and processes
+    with filelock.FileLock(copy.with_name(copy.name + ".lock")):
+        if _is_current_copy(path, copy, offset, replacement):
+            return copy
+        descriptor, partial_name = tempfile.mkstemp(dir=copy.parent, prefix=copy.name, suffix=".part")
+        os.close(descriptor)
+        partial = Path(partial_name)
+        try:
+            shutil.copyfile(path, partial)
+            with open(partial, "r+b") as file:
+                file.seek(offset)
+                if file.read(len(pre)) != pre.encode():
+                    raise ModelLoadError(f"{path.name}: the pre-tokenizer value is not where the GGUF reader put it")
+                file.seek(offset)
+                file.write(replacement.encode())
+            os.replace(partial, copy)
+        finally:
+            partial.unlink(missing_ok=True)
     log.info(
         "gpt4all 2.8.2 does not know the pre-tokenizer %r of %s; wrote a copy that declares "
         "the equivalent %r: %s", pre, path, replacement, copy,

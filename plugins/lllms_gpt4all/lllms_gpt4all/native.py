@@ -188,7 +188,9 @@ class NativeModel:
         try:
             result = self.llm.generate_embeddings(texts, prefix, -1, True, False, cancel)
         except _pyllmodel.CancellationError:
-            raise failure[0] from None
+            if failure:
+                raise failure[0] from None
+            raise
         return result["embeddings"], result["n_prompt_tokens"]
 
 

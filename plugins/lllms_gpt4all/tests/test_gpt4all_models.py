@@ -78,6 +78,26 @@ def load_device():
     return Device(gpu=False, cpu_threads=1)
 
 
+async def test_models_sharing_a_file_share_one_copy(tmp_path, smollm_path, caplog):
+    engine, config = engine_for(
+        tmp_path, {name: {"engine": "gpt4all", "url": SMOLLM_URL} for name in ("one", "two")}
+    )
+    prepared = {}
+
+    async def prepare(name):
+        prepared[name] = await engine.prepare_model(config.models[name], smollm_path)
+
+    with caplog.at_level(logging.INFO, logger="lllms.gpt4all"):
+        async with trio.open_nursery() as nursery:
+            for name in ("one", "two"):
+                nursery.start_soon(prepare, name)
+    assert prepared["one"].path == prepared["two"].path
+    assert caplog.text.count("wrote a copy") == 1
+    assert [p.name for p in (tmp_path / "gpt4all-compat").iterdir() if p.suffix == ".gguf"] == [
+        os.path.basename(prepared["one"].path)
+    ]
+
+
 async def test_unknown_pre_tokenizer_fails_preparation_naming_it(tmp_path, unknown_pre_tokenizer_gguf):
     engine, config = engine_for(
         tmp_path, {"future": {"engine": "gpt4all", "location": str(unknown_pre_tokenizer_gguf)}}
