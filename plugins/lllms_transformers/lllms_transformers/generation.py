@@ -348,11 +348,12 @@ def generate_choice(
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([handler]),
         )
+    # generate returned normally (also when cancelled): the cache matches these tokens
+    kept = cache.get_seq_length()
+    state.tokens, state.cache = sequences[0].tolist()[:kept], cache
     if handler.cancelled is not None:
         raise handler.cancelled
     handler.flush()
-    kept = cache.get_seq_length()
-    state.tokens, state.cache = sequences[0].tolist()[:kept], cache
     if not handler.ended:
         reason = "length"
     elif output.called_tools:
@@ -480,12 +481,16 @@ def chat_prompt(engine, generator: TextGenerator, request: ChatCompletionRequest
 async def chat_completion(engine, context, request: ChatCompletionRequest, sink) -> CompletionResult:
     generator: TextGenerator = context.instance.loaded
     tools_active = bool(request.tools) and request.tool_choice != "none"
-    prompt = chat_prompt(engine, generator, request, tools_active)
     top = None
     if request.logprobs or request.top_logprobs:
         top = request.top_logprobs or 0
     sampling = _sampling(request, generator.model.config.vocab_size, top)
-    grammar = await trio.to_thread.run_sync(generator.grammars.for_chat, request, tools_active, limiter=context.instance.limiter)
+
+    def prepare() -> tuple[list[int], Any]:
+        # in the instance's thread: the tokenizer is not shared between threads
+        return chat_prompt(engine, generator, request, tools_active), generator.grammars.for_chat(request, tools_active)
+
+    prompt, grammar = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
     if tools_active:
         def make_output():
             return structured.ToolCallOutput(sampling.stops)
@@ -503,18 +508,19 @@ async def text_completion(engine, context, request: TextCompletionRequest, sink)
     generator: TextGenerator = context.instance.loaded
     tokenizer = generator.tokenizer
     sampling = _sampling(request, generator.model.config.vocab_size, request.logprobs)
-    grammar = None
-    if request.grammar:
-        grammar = await trio.to_thread.run_sync(generator.grammars.for_grammar, request.grammar, limiter=context.instance.limiter)
+
+    def prepare() -> tuple[list[tuple[list[int], str]], Any]:
+        # in the instance's thread: the tokenizer is not shared between threads
+        prompts = [
+            (tokenizer(prompt)["input_ids"], prompt) if isinstance(prompt, str) else (list(prompt), tokenizer.decode(prompt))
+            for prompt in request.prompts
+        ]
+        return prompts, generator.grammars.for_grammar(request.grammar) if request.grammar else None
+
+    prompts, grammar = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
     reasons: dict[int, str] = {}
     usage = Usage()
-    for number, prompt in enumerate(request.prompts):
-        if isinstance(prompt, str):
-            tokens = tokenizer(prompt)["input_ids"]
-            text = prompt
-        else:
-            tokens = list(prompt)
-            text = tokenizer.decode(tokens)
+    for number, (tokens, text) in enumerate(prompts):
         first = number * request.choices
         if request.echo:
             for index in range(first, first + request.choices):

@@ -131,9 +131,9 @@ class Transcriber:
             prompt_ids = torch.cat([ids[:1], ids[1:][-(keep - 1) :]]).to(self.device)  # <|startofprev|> + the end
         budget = self.max_positions - 4 - (len(prompt_ids) if prompt_ids is not None else 0)
         max_new_tokens = min(self.max_chunk_tokens or budget, budget)
-        features = [self._features(audio[start:end]) for start, end in spans]
         if language is None and self.multilingual:
-            detected = int(self.model.detect_language(features[0])[0])
+            start, end = spans[0]
+            detected = int(self.model.detect_language(self._features(audio[start:end]))[0])
             language = self.tokenizer.convert_ids_to_tokens(detected).strip("<|>")
         options = {
             "return_timestamps": True,
@@ -148,9 +148,9 @@ class Transcriber:
             options["temperature"] = request.temperature
             options["do_sample"] = True
         segments: list[TranscriptionSegment] = []
-        for (start, end), chunk_features in zip(spans, features):
+        for start, end in spans:
             with torch.inference_mode():
-                sequence = self.model.generate(chunk_features, **options)[0].tolist()
+                sequence = self.model.generate(self._features(audio[start:end]), **options)[0].tolist()
             offset, length = start / SAMPLE_RATE, (end - start) / SAMPLE_RATE
             for seg_start, seg_end, text in self._segments(sequence, length):
                 segments.append(

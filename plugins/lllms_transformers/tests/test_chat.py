@@ -116,6 +116,24 @@ def test_json_object_output_is_an_object(client):
     assert isinstance(json.loads(response.choices[0].message.content), dict)
 
 
+def test_a_grammar_limits_the_answer(client):
+    response = ask(client, extra_body={"grammar": 'root ::= "yes" | "no"'})
+    assert response.choices[0].message.content in ("yes", "no")
+
+
+def test_an_invalid_grammar_is_a_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(client, extra_body={"grammar": "root ::= ("})
+    assert refused.value.body["param"] == "grammar"
+
+
+def test_n_gives_several_choices(client):
+    response = ask(client, n=2, temperature=1.0, seed=5, max_tokens=4)
+    assert [choice.index for choice in response.choices] == [0, 1]
+    assert all(choice.message.content for choice in response.choices)
+    assert 2 <= response.usage.completion_tokens <= 8
+
+
 WEATHER = {
     "type": "function",
     "function": {
