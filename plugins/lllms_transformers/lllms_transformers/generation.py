@@ -16,11 +16,11 @@ The next request in that slot reuses the cache for the common token prefix
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
 import torch
 import trio
 from transformers import (
@@ -59,8 +59,6 @@ from lllms_core.schemas import (
     message_text,
 )
 from lllms_transformers import structured
-
-log = logging.getLogger("lllms.transformers")
 
 
 class TextGenerator:
@@ -474,7 +472,10 @@ def chat_prompt(engine, generator: TextGenerator, request: ChatCompletionRequest
         extra["tools"] = [{"type": "function", "function": structured.function_dict(tool)} for tool in request.tools]
     if not generator.template:
         raise InvalidRequestError("this model has no chat template; use text completions", param="messages")
-    text = generator.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+    try:
+        text = generator.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+    except jinja2.TemplateError as error:  # templates raise for what they refuse (roles, order)
+        raise InvalidRequestError(f"the model's chat template refused the messages: {error}", param="messages") from None
     return generator.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

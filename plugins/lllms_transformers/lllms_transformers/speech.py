@@ -10,7 +10,6 @@ window's start.
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,6 @@ import torch
 
 from lllms_core.errors import InvalidRequestError
 from lllms_core.schemas import TranscriptionRequest, TranscriptionResult, TranscriptionSegment
-
-log = logging.getLogger("lllms.transformers")
 
 SAMPLE_RATE = 16000
 WINDOW = 30 * SAMPLE_RATE
