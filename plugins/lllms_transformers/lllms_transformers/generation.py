@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
+import msgspec
 import torch
 import trio
 from transformers import (
@@ -79,6 +80,7 @@ class TextGenerator:
         self.template = tokenizer.chat_template or ""
         self.template_has_tools = "tools" in self.template
         self.grammars = structured.GrammarCompiler(self)
+        self.sampling_defaults = model_sampling_defaults(model.generation_config)
 
     def close(self) -> None:
         self.model = None
@@ -112,7 +114,24 @@ class Sampling:
     """None: no logprobs; else how many alternatives per token."""
 
 
-def _sampling(request, vocab_size: int, top_logprobs: int | None) -> Sampling:
+SAMPLING_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repetition_penalty"}
+"""Request parameter → the model's ``generation_config.json`` field that gives its default."""
+
+
+def model_sampling_defaults(generation_config) -> dict[str, float]:
+    """The sampling settings a model's authors recommend (when its generation_config.json
+    samples); parameters a request leaves unset take them."""
+    written = generation_config.to_diff_dict()
+    if not written.get("do_sample"):
+        return {}
+    return {parameter: written[name] for parameter, name in SAMPLING_DEFAULTS.items() if written.get(name) is not None}
+
+
+def _sampling(request, generator: "TextGenerator", top_logprobs: int | None) -> Sampling:
+    vocab_size = generator.model.config.vocab_size
+    unset = {name: value for name, value in generator.sampling_defaults.items() if getattr(request, name) is None}
+    if unset:
+        request = msgspec.structs.replace(request, **unset)
     bias = []
     for key, value in (request.logit_bias or {}).items():
         try:
@@ -485,7 +504,7 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
     top = None
     if request.logprobs or request.top_logprobs:
         top = request.top_logprobs or 0
-    sampling = _sampling(request, generator.model.config.vocab_size, top)
+    sampling = _sampling(request, generator, top)
 
     def prepare() -> tuple[list[int], Any]:
         # in the instance's thread: the tokenizer is not shared between threads
@@ -508,7 +527,7 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
 async def text_completion(engine, context, request: TextCompletionRequest, sink) -> CompletionResult:
     generator: TextGenerator = context.instance.loaded
     tokenizer = generator.tokenizer
-    sampling = _sampling(request, generator.model.config.vocab_size, request.logprobs)
+    sampling = _sampling(request, generator, request.logprobs)
 
     def prepare() -> tuple[list[tuple[list[int], str]], Any]:
         # in the instance's thread: the tokenizer is not shared between threads

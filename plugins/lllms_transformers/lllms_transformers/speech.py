@@ -107,7 +107,8 @@ class Transcriber:
 
         code = language.lower()
         code = TO_LANGUAGE_CODE.get(code, code)
-        if self.multilingual and f"<|{code}|>" not in self.languages:
+        known = f"<|{code}|>" in self.languages if self.multilingual else code == "en"
+        if not known:
             raise InvalidRequestError(f"the model does not know the language {language!r}", param="language")
         return code
 

@@ -9,6 +9,7 @@ over its whole length.
 from __future__ import annotations
 
 import numpy as np
+import openai
 import pytest
 
 from lllms_transformers.speech import SAMPLE_RATE, WINDOW, decode_audio, windows
@@ -50,6 +51,17 @@ def test_vtt(client, speech):
     result = transcribe(client, speech, response_format="vtt", prompt="fox and dog", temperature=0.3)
     assert result.startswith("WEBVTT")
     assert " --> " in result
+
+
+def test_an_unknown_language_or_a_file_that_is_not_audio_is_a_bad_request(client, speech, tmp_path):
+    with pytest.raises(openai.BadRequestError) as refused:
+        transcribe(client, speech, language="klingon")
+    assert refused.value.body["param"] == "language"
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("these are not sounds")
+    with pytest.raises(openai.BadRequestError) as refused:
+        transcribe(client, not_audio)
+    assert refused.value.body["param"] == "file"
 
 
 def test_long_audio_is_cut_in_windows_at_quiet_moments():
