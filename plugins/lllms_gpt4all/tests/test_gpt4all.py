@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from gpt4all_models import PRELOADED_MESSAGES, package_dir
+from gpt4all_models import PRELOADED_MESSAGES, STORY_PREFIX, package_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -107,6 +107,13 @@ def test_preloaded_messages_are_reused(client, served):
     assert response.usage.prompt_tokens - cached < 20
     other = ask(client, [{"role": "user", "content": "Where is your ship?"}], model="smol-pirate")
     assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_preloaded_prefix_is_reused(client):
+    response = client.completions.create(model="smol-story", prompt=STORY_PREFIX + " One day,", **GREEDY)
+    cached = response.usage.prompt_tokens_details.cached_tokens
+    assert cached > 15  # the prefix
+    assert response.usage.prompt_tokens - cached < 5
 
 
 @pytest.mark.parametrize(
