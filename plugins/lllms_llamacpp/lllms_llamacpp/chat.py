@@ -176,56 +176,156 @@ def prepare_messages(
     return turns, prefill
 
 
-class ToolCallParser:
-    """Splits generated text into content and Hermes-style tool calls.
+CALL_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"arguments"\s*:\s*')
+CALL_END = re.compile(r"\}\s*" + re.escape(TOOL_CALL_CLOSE))
+HEADER_LIMIT = 200
+"""Characters after ``<tool_call>`` within which a call must name its function."""
+ARGUMENTS_HOLD = 32
+"""Characters of arguments held back while streaming: the call's end may be among them."""
 
-    Text is streamed until ``<tool_call>`` appears (a partial marker is held back);
-    what follows is parsed when generation ends.
+
+def _split_marker(text: str) -> tuple[str, str | None]:
+    """Text before ``<tool_call>`` and the rest from it (None: no marker; a partial
+    marker at the end stays in the first part's tail for the caller to hold back)."""
+    position = text.find(TOOL_CALL_OPEN)
+    return (text, None) if position == -1 else (text[:position], text[position:])
+
+
+def _marker_tail(text: str) -> int:
+    """How many trailing characters may be the start of ``<tool_call>``."""
+    for length in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
+        if text.endswith(TOOL_CALL_OPEN[:length]):
+            return length
+    return 0
+
+
+class ToolCallParser:
+    """Splits generated text into content and Hermes-style tool calls, as it streams.
+
+    Content streams until ``<tool_call>`` (a partial marker is held back). A call of a
+    known function written as ``{"name": ..., "arguments": ...}`` streams: one delta with
+    its id and name, then pieces of its arguments' JSON text. A block in another shape
+    is parsed when generation ends; what does not parse as calls stays text.
     """
 
-    def __init__(self) -> None:
-        self.pending = ""
-        self.calls_text: str | None = None
+    def __init__(self, known: set[str]):
+        self.known = known
+        self.state = "text"
+        self.buffer = ""
+        self.calls = 0
+        self.sent = ""
+        """The arguments text of the current call sent so far."""
+        self.trailing = ""
+        self.unparsed: str | None = None
 
-    def push(self, text: str) -> str:
-        if self.calls_text is not None:
-            self.calls_text += text
-            return ""
-        self.pending += text
-        position = self.pending.find(TOOL_CALL_OPEN)
-        if position != -1:
-            emitted, self.calls_text = self.pending[:position], self.pending[position:]
-            self.pending = ""
-            return emitted
-        keep = 0
-        for length in range(min(len(TOOL_CALL_OPEN) - 1, len(self.pending)), 0, -1):
-            if self.pending.endswith(TOOL_CALL_OPEN[:length]):
-                keep = length
-                break
-        emitted = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return emitted
+    def push(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        """Content to emit now, and tool-call deltas."""
+        if self.unparsed is not None:
+            self.unparsed += text
+            return "", []
+        self.buffer += text
+        content, deltas = "", []
+        while True:
+            if self.state == "text":
+                before, rest = _split_marker(self.buffer)
+                if rest is None:
+                    keep = _marker_tail(before)
+                    content += before[: len(before) - keep]
+                    self.buffer = before[len(before) - keep :]
+                    return content, deltas
+                content += before
+                self.buffer = rest[len(TOOL_CALL_OPEN) :]
+                self.state = "header"
+            elif self.state == "header":
+                match = CALL_HEADER.match(self.buffer)
+                if match is None or match.group(1) not in self.known:
+                    if match is not None or len(self.buffer) > HEADER_LIMIT:
+                        self.unparsed = TOOL_CALL_OPEN + self.buffer
+                        self.buffer = ""
+                    return content, deltas
+                deltas.append(ToolCallDelta(index=self.calls, id=f"call_{secrets.token_hex(12)}", name=match.group(1)))
+                self.buffer = self.buffer[match.end() :]
+                self.sent = ""
+                self.state = "arguments"
+            elif self.state == "arguments":
+                end = CALL_END.search(self.buffer)
+                if end is None:
+                    ready = len(self.buffer) - ARGUMENTS_HOLD
+                    if ready > 0:
+                        deltas.append(ToolCallDelta(index=self.calls, arguments=self.buffer[:ready]))
+                        self.sent += self.buffer[:ready]
+                        self.buffer = self.buffer[ready:]
+                    return content, deltas
+                arguments = self.buffer[: end.start()].rstrip()
+                if arguments:
+                    deltas.append(ToolCallDelta(index=self.calls, arguments=arguments))
+                self.buffer = self.buffer[end.end() :]
+                self.calls += 1
+                self.state = "between"
+            else:  # between calls: whitespace, another call, or text after the calls
+                stripped = self.buffer.lstrip()
+                if not stripped:
+                    return content, deltas
+                if TOOL_CALL_OPEN.startswith(stripped[: len(TOOL_CALL_OPEN)]):
+                    if len(stripped) < len(TOOL_CALL_OPEN):
+                        return content, deltas
+                    self.buffer = stripped
+                    self.state = "text"
+                else:
+                    self.trailing += self.buffer
+                    self.buffer = ""
+                    return content, deltas
 
-    def finish(self, known: set[str]) -> tuple[str, list[ToolCallDelta]]:
-        """Leftover text and the calls' deltas (first carries id and name, then the arguments).
-        Text that does not parse as calls of known functions is returned as text."""
-        if self.calls_text is None:
-            text, self.pending = self.pending, ""
+    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+        """What is left when generation ends: text, and the deltas of calls not yet sent."""
+        if self.unparsed is not None:
+            return self._parse_unparsed()
+        if self.state == "text":
+            text, self.buffer = self.buffer, ""
             return text, []
+        if self.state == "header":  # a marker that never named a function
+            self.unparsed, self.buffer = TOOL_CALL_OPEN + self.buffer, ""
+            return self._parse_unparsed()
+        deltas = []
+        if self.state == "arguments":  # ended without </tool_call>: drop the call's closing brace
+            whole = (self.sent + self.buffer).rstrip()
+            if whole.endswith("}") and _is_json(whole[:-1]):
+                whole = whole[:-1].rstrip()
+            rest = whole[len(self.sent) :]
+            if rest:
+                deltas.append(ToolCallDelta(index=self.calls, arguments=rest))
+            self.calls += 1
+        self.buffer = ""
+        return self.trailing.strip(), deltas
+
+    @property
+    def called(self) -> bool:
+        return self.calls > 0
+
+    def _parse_unparsed(self) -> tuple[str, list[ToolCallDelta]]:
         deltas: list[ToolCallDelta] = []
-        for number, body in enumerate(_call_bodies(self.calls_text)):
+        for body in _call_bodies(self.unparsed):
             try:
                 call = json.loads(body)
             except ValueError:
                 break
-            if not isinstance(call, dict) or call.get("name") not in known:
+            if not isinstance(call, dict) or call.get("name") not in self.known:
                 break
             arguments = call.get("arguments", call.get("parameters", {}))
-            deltas.append(ToolCallDelta(index=number, id=f"call_{secrets.token_hex(12)}", name=call["name"]))
-            deltas.append(ToolCallDelta(index=number, arguments=json.dumps(arguments, ensure_ascii=False)))
+            deltas.append(ToolCallDelta(index=self.calls, id=f"call_{secrets.token_hex(12)}", name=call["name"]))
+            deltas.append(ToolCallDelta(index=self.calls, arguments=json.dumps(arguments, ensure_ascii=False)))
+            self.calls += 1
         if not deltas:
-            return self.calls_text, []
+            return self.unparsed, []
         return "", deltas
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _call_bodies(text: str) -> list[str]:

@@ -528,13 +528,14 @@ class LlamaCppEngine(Engine):
             text = echo[job.index // choices]
             if text:
                 sink.send_nowait(CompletionChunk(index=job.index, text=text))
-        parsers = {job.index: ToolCallParser() for job in jobs} if tool_names else {}
+        parsers = {job.index: ToolCallParser(tool_names) for job in jobs} if tool_names else {}
 
         def on_chunk(index: int, text: str, token_logprobs: list | None) -> None:
+            deltas = None
             if parsers:
-                text = parsers[index].push(text)
-            if text or token_logprobs:
-                sink.send_nowait(CompletionChunk(index=index, text=text, logprobs=token_logprobs))
+                text, deltas = parsers[index].push(text)
+            if text or token_logprobs or deltas:
+                sink.send_nowait(CompletionChunk(index=index, text=text, logprobs=token_logprobs, tool_calls=deltas or None))
 
         results = await self._run(instance, jobs, on_chunk)
         finish_reasons = []
@@ -546,11 +547,11 @@ class LlamaCppEngine(Engine):
                 usage.cached_tokens += cached
             usage.completion_tokens += completion_tokens
             if parsers:
-                text, deltas = parsers[job.index].finish(tool_names)
-                if text:
-                    sink.send_nowait(CompletionChunk(index=job.index, text=text))
-                if deltas:
-                    sink.send_nowait(CompletionChunk(index=job.index, tool_calls=deltas))
+                parser = parsers[job.index]
+                text, deltas = parser.finish()
+                if text or deltas:
+                    sink.send_nowait(CompletionChunk(index=job.index, text=text, tool_calls=deltas or None))
+                if parser.called and reason == "stop":
                     reason = "tool_calls"
             finish_reasons.append(reason)
         await trio.lowlevel.checkpoint()
