@@ -39,7 +39,7 @@ class Embedder:
     def load(cls, model, prepared: Path, device, dtype) -> "Embedder":
         from transformers import AutoModel, AutoTokenizer
 
-        from lllms_transformers.loading import pretrained_options
+        from lllms_transformers.loading import load_pretrained
 
         modules = _read_json(prepared / "modules.json") or []
         transformer_dir, pooling, normalize = prepared, "mean", False
@@ -60,7 +60,7 @@ class Embedder:
         settings = _read_json(transformer_dir / "sentence_bert_config.json") or {}
         tokenizer = AutoTokenizer.from_pretrained(transformer_dir, local_files_only=True, trust_remote_code=model.options.trust_remote_code)
         tokenizer.padding_side = "right"  # last-token pooling counts from the left
-        encoder = AutoModel.from_pretrained(transformer_dir, **pretrained_options(model, dtype)).to(device).eval()
+        encoder = load_pretrained(AutoModel, transformer_dir, model, device, dtype)
         max_length = settings.get("max_seq_length") or getattr(encoder.config, "max_position_embeddings", None)
         if model.context_size:
             max_length = min(max_length or model.context_size, model.context_size)

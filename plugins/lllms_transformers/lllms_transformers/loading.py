@@ -163,8 +163,13 @@ def load(model, prepared: Path, device: Device):
         raise ModelLoadError(f"model {model.id!r} failed to load from {prepared}: {type(error).__name__}: {error}") from error
 
 
-def pretrained_options(model, dtype) -> dict:
-    return {"local_files_only": True, "trust_remote_code": model.options.trust_remote_code, "dtype": dtype}
+def load_pretrained(auto_class, path: Path, model, device, dtype):
+    """``auto_class.from_pretrained`` from a local path, on ``device``, in eval mode."""
+    options = {"local_files_only": True, "trust_remote_code": model.options.trust_remote_code, "dtype": dtype}
+    if device.type == "cpu":
+        return auto_class.from_pretrained(path, **options).eval()
+    # straight onto the accelerator, without a full copy in host memory first
+    return auto_class.from_pretrained(path, device_map=str(device), **options).eval()
 
 
 def _load_text(model, prepared: Path, device, dtype):
@@ -173,7 +178,7 @@ def _load_text(model, prepared: Path, device, dtype):
     from lllms_transformers.generation import TextGenerator
 
     tokenizer = AutoTokenizer.from_pretrained(prepared, local_files_only=True, trust_remote_code=model.options.trust_remote_code)
-    causal = AutoModelForCausalLM.from_pretrained(prepared, **pretrained_options(model, dtype)).to(device).eval()
+    causal = load_pretrained(AutoModelForCausalLM, prepared, model, device, dtype)
     limit = getattr(causal.config, "max_position_embeddings", None) or 2048
     context_size = min(model.context_size, limit) if model.context_size else limit
     return TextGenerator(causal, tokenizer, device, context_size)

@@ -86,10 +86,10 @@ class Transcriber:
     def load(cls, model, prepared: Path, device, dtype) -> "Transcriber":
         from transformers import AutoModelForSpeechSeq2Seq, WhisperProcessor
 
-        from lllms_transformers.loading import pretrained_options
+        from lllms_transformers.loading import load_pretrained
 
         processor = WhisperProcessor.from_pretrained(prepared, local_files_only=True)
-        speech = AutoModelForSpeechSeq2Seq.from_pretrained(prepared, **pretrained_options(model, dtype)).to(device).eval()
+        speech = load_pretrained(AutoModelForSpeechSeq2Seq, prepared, model, device, dtype)
         return cls(speech, processor, device, model.options.max_chunk_tokens)
 
     def info(self) -> dict:
