@@ -38,6 +38,7 @@ from lllms_core.api.common import (
     state,
 )
 from lllms_core.api.openai import PREFIXES, api
+from lllms_core.api.openapi import openapi_document
 from lllms_core.config import Config
 from lllms_core.errors import (
     AuthenticationError,
@@ -47,6 +48,7 @@ from lllms_core.errors import (
     PayloadTooLargeError,
     ServiceUnavailableError,
 )
+from lllms_core.metrics import Metrics
 from lllms_core.server import ModelServer
 
 log = logging.getLogger("lllms.http")
@@ -152,8 +154,6 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
     dict or TOML path) it builds one from. The app enters the server when it starts
     serving and exits it (disposing every instance) when it stops, unless the server
     was already entered by the caller, who then owns its lifetime."""
-    from lllms_core.metrics import Metrics
-
     if isinstance(config_or_server, ModelServer):
         server = config_or_server
     else:
@@ -234,8 +234,6 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        from lllms_core.api.openapi import openapi_document
-
         return json_response(openapi_document())
 
     return app
