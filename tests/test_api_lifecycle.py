@@ -11,9 +11,15 @@ import subprocess
 import sys
 import time
 
+from functools import partial
+
 import httpx
 import pytest
+import trio
 from helpers.openai_schema import parse_sse, validate
+
+from lllms_core.http import serve_async
+from lllms_core.server import ModelServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -69,6 +75,19 @@ def test_an_abandoned_request_frees_the_instance_at_once(http):
     wait_until(lambda: not slot_busy(http, "slow"), timeout=2.0)
     reply = http.post("/v1/chat/completions", json={**body, "max_tokens": 2})
     assert reply.json()["choices"][0]["message"]["content"] == "word word"
+
+
+async def test_a_model_server_the_caller_entered_outlives_the_http_server():
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    async with ModelServer({"models": {"chat": {"engine": "fake"}}}) as server:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(partial(serve_async, server, host="127.0.0.1", port=0))
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http_client:
+                response = await http_client.post("/v1/chat/completions", json=chat)
+                assert response.json()["choices"][0]["message"]["content"] == "You said: hi"
+            nursery.cancel_scope.cancel()
+        completion = await server.chat_completion(chat)  # still open: its owner exits it
+        assert completion.choices[0].text == "You said: hi"
 
 
 # --- a server in its own process ------------------------------------------------------
