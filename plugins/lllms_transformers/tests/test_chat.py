@@ -60,6 +60,16 @@ def test_a_seed_repeats_a_sampled_answer(client):
     assert len(others | {first}) > 1
 
 
+def test_logit_bias_favours_or_bans_tokens(client, smol_tokenizer):
+    [banana] = smol_tokenizer(" banana", add_special_tokens=False)["input_ids"]
+    favoured = ask(client, logit_bias={str(banana): 100}, max_tokens=3).choices[0].message.content
+    assert favoured == " banana" * 3
+    whole = ask(client).choices[0].message.content
+    paris = smol_tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+    banned = ask(client, logit_bias={str(paris): -100}).choices[0].message.content
+    assert " Paris" in whole and " Paris" not in banned
+
+
 def test_a_follow_up_turn_reuses_the_cached_context(client):
     first = ask(client)
     follow_up = CAPITAL + [
