@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Callable
+from typing import Callable, TypeVar
 
 from gpt4all import _pyllmodel
 from gpt4all._pyllmodel import LLModel, LLModelPromptContext, PromptCallback, ResponseCallback, llmodel
@@ -22,44 +22,45 @@ from lllms_core.errors import ContextLengthExceededError, ModelLoadError
 
 log = logging.getLogger("lllms.gpt4all")
 
+T = TypeVar("T")
+
 MAX_BATCH = 128
 """gpt4all evaluates at most this many prompt tokens at once (LLMODEL_MAX_PROMPT_BATCH)."""
 
 _implementations_loaded = False
-_implementations_lock = threading.Lock()
+_stderr_lock = threading.Lock()
+"""Held while stderr is captured: fd 2 is the process's, one capture at a time."""
 
 
-def _capture_stderr(call: Callable[[], object]) -> object:
-    """Run ``call`` with the process's stderr (fd 2) captured, and log what it wrote.
-
-    gpt4all looks for its backends the first time a model is created, and prints a
-    "Failed to load libllamamodel-mainline-cuda..." line per CUDA backend it cannot
-    load: on a machine without CUDA, noise on every start. Those lines go to the debug
-    log; anything else it printed is logged as a warning."""
-    with tempfile.TemporaryFile() as capture:
+def _capturing_stderr(call: Callable[[], T]) -> tuple[T, list[str]]:
+    """Run ``call`` with the process's stderr (fd 2) captured; return its result and
+    the lines written, which are logged: gpt4all's complaints about CUDA backends it
+    cannot load (noise on a machine without CUDA) at debug level, the rest as warnings."""
+    with _stderr_lock, tempfile.TemporaryFile() as capture:
         saved = os.dup(2)
         os.dup2(capture.fileno(), 2)
         try:
-            return call()
+            result = call()
         finally:
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            for line in capture.read().decode("utf-8", "replace").splitlines():
-                if "cuda" in line.lower():
-                    log.debug("gpt4all: %s", line)
-                elif line.strip():
-                    log.warning("gpt4all: %s", line)
+            lines = [line for line in capture.read().decode("utf-8", "replace").splitlines() if line.strip()]
+            for line in lines:
+                log.log(logging.DEBUG if "cuda" in line.lower() else logging.WARNING, "gpt4all: %s", line)
+    return result, lines
 
 
 def _create(path: str, n_ctx: int, ngl: int, backend: str) -> LLModel:
+    """gpt4all's model object. The first one makes gpt4all look for its backends, and
+    print a "Failed to load libllamamodel-mainline-cuda..." line per CUDA backend it
+    cannot load; that is captured."""
     global _implementations_loaded
-    with _implementations_lock:
-        if _implementations_loaded:
-            return LLModel(path, n_ctx, ngl, backend)
-        model = _capture_stderr(lambda: LLModel(path, n_ctx, ngl, backend))
-        _implementations_loaded = True
-        return model
+    if _implementations_loaded:
+        return LLModel(path, n_ctx, ngl, backend)
+    model, _ = _capturing_stderr(lambda: LLModel(path, n_ctx, ngl, backend))
+    _implementations_loaded = True
+    return model
 
 
 class PromptError(Exception):
@@ -92,9 +93,12 @@ class NativeModel:
             except ValueError as error:
                 self.llm.close()
                 raise ModelLoadError(f"gpt4all cannot use the GPU {gpu_device!r}: {error}") from None
-        if not self.llm.load_model():
+        # llama.cpp says why a load fails on stderr only
+        loaded, messages = _capturing_stderr(self.llm.load_model)
+        if not loaded:
             self.llm.close()
-            raise ModelLoadError(f"gpt4all could not load {path!r} (see its messages on stderr)")
+            reasons = [line for line in messages if "error" in line.lower()] or messages
+            raise ModelLoadError(f"gpt4all could not load {path!r}: {' / '.join(reasons) or 'no reason given'}")
         if threads is not None:
             self.llm.set_thread_count(threads)
         self.context = LLModelPromptContext(n_past=0, n_batch=self.batch_size, context_erase=0.75)

@@ -180,3 +180,14 @@ async def test_gpu_auto_falls_back_to_the_cpu_without_a_gpu(tmp_path):
         assert answer.usage.completion_tokens > 0
         (instance,) = server.status()["instances"]
         assert instance["info"]["backend"] in ("cpu", "kompute", "cuda", "metal")
+
+
+def test_a_load_failure_says_why(smollm_path):
+    """llama.cpp tells why a load fails on stderr only; the error carries it (here: the
+    original SmolLM2 file, which the compatible copy exists for)."""
+    from lllms_gpt4all.native import NativeModel
+
+    with pytest.raises(ModelLoadError, match="unknown pre-tokenizer type: 'smollm'"):
+        NativeModel(
+            str(smollm_path), context_size=512, gpu_layers=0, backend="kompute", gpu_device=None, threads=1, batch_size=8
+        )
