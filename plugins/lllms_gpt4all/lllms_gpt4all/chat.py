@@ -63,14 +63,21 @@ CHAT_FORMATS = {
     ),
 }
 
-# a marker in a GGUF's Jinja template that identifies the format
-TEMPLATE_MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<|assistant|>", "phi3"))
+# what a GGUF's Jinja template contains when it is in a format (Zephyr's has <|assistant|> too, with </s>)
+TEMPLATE_MARKERS = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|eot_id|>"),
+    "phi3": ("<|assistant|>", "<|end|>"),
+}
 
 
 def detect_chat_format(jinja_template: str | None) -> str | None:
     if not jinja_template:
         return None
-    return next((name for marker, name in TEMPLATE_MARKERS if marker in jinja_template), None)
+    return next(
+        (name for name, markers in TEMPLATE_MARKERS.items() if all(marker in jinja_template for marker in markers)),
+        None,
+    )
 
 
 def turns(messages: list[ChatMessage]) -> list[Turn]:
