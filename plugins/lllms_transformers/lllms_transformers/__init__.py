@@ -54,7 +54,8 @@ class TransformersEngine(Engine):
     options = TransformersOptions
     capabilities = frozenset(
         {
-            "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "logit_bias", "seed", "grammar",
+            "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
+            "logit_bias", "seed", "grammar",
             "n", "logprobs", "json_object", "json_schema", "tools", "echo", "token_prompt",
             "token_input", "pooling",
         }

@@ -106,6 +106,8 @@ class Sampling:
     top_p: float | None
     min_p: float | None
     repeat_penalty: float | None
+    frequency_penalty: float
+    presence_penalty: float
     logit_bias: list[list]
     seed: int | None
     max_tokens: int | None
@@ -147,6 +149,8 @@ def _sampling(request, generator: "TextGenerator", top_logprobs: int | None) -> 
         top_p=request.top_p if request.top_p is not None and request.top_p < 1 else None,
         min_p=request.min_p or None,
         repeat_penalty=request.repeat_penalty if request.repeat_penalty not in (None, 1.0) else None,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        presence_penalty=request.presence_penalty or 0.0,
         logit_bias=bias,
         seed=request.seed,
         max_tokens=request.token_limit,
@@ -156,6 +160,24 @@ def _sampling(request, generator: "TextGenerator", top_logprobs: int | None) -> 
 
 
 # --- logits processors and the token handler -------------------------------------------
+
+
+class OccurrencePenalty(LogitsProcessor):
+    """OpenAI's ``frequency_penalty`` and ``presence_penalty``: lower the logits of tokens
+    already generated in this completion (the prompt does not count), by ``frequency``
+    per occurrence plus ``presence`` once."""
+
+    def __init__(self, prompt_length: int, frequency: float, presence: float):
+        self.prompt_length = prompt_length
+        self.frequency = frequency
+        self.presence = presence
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_length :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
 class LogprobRecorder(LogitsProcessor):
@@ -330,6 +352,8 @@ def generate_choice(
     processors = LogitsProcessorList()
     if sampling.repeat_penalty:
         processors.append(RepetitionPenaltyLogitsProcessor(sampling.repeat_penalty))
+    if sampling.frequency_penalty or sampling.presence_penalty:
+        processors.append(OccurrencePenalty(len(prompt), sampling.frequency_penalty, sampling.presence_penalty))
     if sampling.logit_bias:
         processors.append(SequenceBiasLogitsProcessor(sampling.logit_bias))
     if grammar is not None:

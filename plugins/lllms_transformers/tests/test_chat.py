@@ -70,6 +70,17 @@ def test_logit_bias_favours_or_bans_tokens(client, smol_tokenizer):
     assert " Paris" in whole and " Paris" not in banned
 
 
+def test_penalties_keep_the_answer_from_repeating_itself(client):
+    def complete(**penalties):
+        options = {"model": "smol", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 8, "temperature": 0}
+        return client.completions.create(**options, **penalties).choices[0].text
+
+    plain = complete()
+    assert plain.startswith(" 6, 7, 8")
+    # the generated commas are penalised, the prompt's are not
+    assert complete(frequency_penalty=2.0, presence_penalty=2.0).count(",") < plain.count(",")
+
+
 def test_a_follow_up_turn_reuses_the_cached_context(client):
     first = ask(client)
     follow_up = CAPITAL + [
@@ -193,9 +204,9 @@ def test_a_streamed_tool_call_starts_with_its_id_and_name(client):
 
 def test_a_parameter_the_engine_cannot_honour_is_refused(client):
     with pytest.raises(openai.BadRequestError) as refused:
-        ask(client, frequency_penalty=0.5)
+        ask(client, extra_body={"repeat_last_n": 32})
     assert refused.value.status_code == 400
-    assert refused.value.body["param"] == "frequency_penalty"
+    assert refused.value.body["param"] == "repeat_last_n"
     assert refused.value.body["code"] == "unsupported_parameter"
 
 
