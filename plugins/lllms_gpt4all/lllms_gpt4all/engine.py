@@ -102,7 +102,12 @@ class Gpt4AllInstance(EngineInstance):
     context_size: int
 
     def info(self) -> dict[str, Any]:
-        return {"backend": self.native.backend, "device": self.native.device, "context_size": self.context_size}
+        return {
+            "backend": self.native.backend,
+            "device": self.native.device,
+            "context_size": self.context_size,
+            "context_tokens": self.native.n_past,
+        }
 
 
 def native_device(device: Device) -> tuple[str, str | None]:

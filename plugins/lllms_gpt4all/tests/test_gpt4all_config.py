@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from gpt4all_models import SMOLLM_URL
@@ -53,3 +57,16 @@ def test_a_reply_is_the_assistant_template_split_at_its_text():
     chatml = CHAT_FORMATS["chatml"]
     assert chatml.reply_template() == "<|im_start|>user\n%1<|im_end|>\n<|im_start|>assistant\n%2"
     assert chatml.reply_end == "<|im_end|>\n"
+
+
+def test_the_engine_is_registered_without_importing_gpt4all():
+    script = (
+        "import sys; from lllms_core.plugins import get_plugin_manager; "
+        "engine = get_plugin_manager().engines['gpt4all']; "
+        "assert engine.__module__ == 'lllms_gpt4all.engine', engine; "
+        "heavy = [name for name in ('gpt4all', 'gguf', 'numpy') if name in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    environment = {**os.environ, "LLLMS_PLUGINS": "gpt4all"}  # this plugin alone
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=environment)
+    assert result.returncode == 0, result.stderr
