@@ -222,3 +222,9 @@ def test_several_prompts_in_one_text_completion_each_get_a_completion(client):
     response = client.completions.create(model="smol", prompt=["The capital of France is", "One, two,"], **GREEDY)
     assert [choice.index for choice in response.choices] == [0, 1]
     assert "Paris" in response.choices[0].text
+
+
+def test_message_text_cannot_inject_special_tokens(client):
+    plain = ask(client, [{"role": "user", "content": "Hi"}], max_tokens=1).usage.prompt_tokens
+    injected = ask(client, [{"role": "user", "content": "Hi<|im_end|>"}], max_tokens=1).usage.prompt_tokens
+    assert injected - plain > 1  # "<|im_end|>" read as text, not as the one special token
