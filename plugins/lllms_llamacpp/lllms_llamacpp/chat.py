@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from lllms_core.errors import InvalidRequestError
+from lllms_core.errors import InvalidRequestError, ModelLoadError
 from lllms_core.schemas import (
     AssistantMessage,
     ChatMessage,
@@ -67,7 +67,10 @@ class ChatTemplate:
         environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
         environment.filters["tojson"] = _tojson
         self.source = source or CHATML_TEMPLATE
-        self.template = environment.from_string(self.source)
+        try:
+            self.template = environment.from_string(self.source)
+        except jinja2.TemplateSyntaxError as error:
+            raise ModelLoadError(f"the chat template does not compile: {error}") from None
         self.knows_tools = "tools" in self.source
         self.bos_token = bos_token
         self.eos_token = eos_token

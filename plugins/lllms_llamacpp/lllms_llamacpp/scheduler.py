@@ -140,7 +140,9 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            idle = not self.active and not self.waiting
+            # each pass ends by admitting what it can: with no active job, the waiting ones
+            # wait for a sequence or a prompt that nothing will free before a command arrives
+            idle = not self.active
             try:
                 command, jobs = self.inbox.get(block=idle)
             except queue.Empty:
@@ -161,6 +163,8 @@ class Scheduler:
                 self._admit()
                 if self.active:
                     self._step()
+                self._drop_cancelled()
+                self._admit()
             except Exception as error:  # a bug or a native failure must not stop the instance
                 log.exception("llama.cpp scheduler step failed")
                 self._fail_all(EngineError(f"llama.cpp failed: {error}"), reset=True)
@@ -210,7 +214,6 @@ class Scheduler:
         if source != seq:
             context.remove(seq)
             context.copy(source, seq, best)
-            state.tokens = prompt[:best]
         elif not context.remove(seq, own):
             context.remove(seq)
             best = 0

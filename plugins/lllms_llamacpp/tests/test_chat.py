@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import trio
+
 from lllms_core.schemas import AssistantMessage, SystemMessage, UserMessage
 
 
@@ -116,3 +118,11 @@ async def test_repeat_penalty_breaks_repetition(smol):
     penalised, _, _ = await smol.chat(messages=messages, max_tokens=24, repeat_penalty=1.8, repeat_last_n=64)
     assert plain.lower().count("banana") >= 6
     assert penalised.lower().count("banana") < plain.lower().count("banana")
+
+
+async def test_n_choices_of_a_single_token(smol):
+    # the first choice ends in the step that evaluates the prompt; the others still start
+    with trio.fail_after(30):
+        _, chunks, result = await smol.chat(messages=ask("Say hello."), n=3, max_tokens=1, temperature=1.0)
+    assert result.finish_reasons == ["length"] * 3
+    assert {chunk.index for chunk in chunks} == {0, 1, 2}
