@@ -392,13 +392,21 @@ class LlamaCppEngine(Engine):
             self._check_fits(len(tokens), token_limit, n_ctx)
             return tokens
         target = n_ctx - min(token_limit or n_ctx // 4, n_ctx // 2)
-        turns = list(messages)
-        first = 1 if turns and turns[0]["role"] == "system" else 0
-        while len(tokens) > target and len(turns) - first > 1:
-            del turns[first]
-            while len(turns) - first > 1 and turns[first]["role"] != "user":
-                del turns[first]
-            tokens = tokens_of(turns)
+        if len(tokens) > target:
+            # keep the system message and the longest recent history that fits, starting at a
+            # user turn; found by bisection, since a conversation may have hundreds of turns
+            head = messages[:1] if messages and messages[0]["role"] == "system" else []
+            starts = [i for i in range(len(head) + 1, len(messages)) if messages[i]["role"] == "user"]
+            low, high = 0, len(starts) - 1
+            while low <= high:
+                middle = (low + high) // 2
+                candidate = tokens_of(head + messages[starts[middle] :])
+                if len(candidate) <= target:
+                    tokens, high = candidate, middle - 1
+                else:
+                    low = middle + 1
+            if low == len(starts) and starts:  # even the last user turn on its own is long
+                tokens = tokens_of(head + messages[starts[-1] :])
         if len(tokens) >= n_ctx:
             raise ContextLengthExceededError(
                 f"the prompt has {len(tokens)} tokens after dropping old turns; the context holds {n_ctx}",
