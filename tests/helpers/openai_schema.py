@@ -21,7 +21,10 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-OPENAPI = Path(os.environ.get("OPENAI_OPENAPI", "/work/shared/openai/openapi.json"))
+# shared/ lies beside the repository (in CI too); OPENAI_OPENAPI may point elsewhere
+OPENAPI = Path(
+    os.environ.get("OPENAI_OPENAPI", Path(__file__).resolve().parents[3] / "shared" / "openai" / "openapi.json")
+)
 URI = "urn:openai"
 
 
