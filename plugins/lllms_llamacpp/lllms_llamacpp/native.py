@@ -207,7 +207,9 @@ class Context:
         self.memory = llama_cpp.llama_get_memory(self.pointer)
         self.n_batch = llama_cpp.llama_n_batch(self.pointer)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self.adapters = [self._load_lora(path) for path, _ in lora]
+        self.adapters = []
+        for path, _ in lora:
+            self.adapters.append(self._load_lora(path))
         if self.adapters:
             array = (llama_cpp.llama_adapter_lora_p_ctypes * len(self.adapters))(*self.adapters)
             scales = (ctypes.c_float * len(lora))(*(scale for _, scale in lora))
@@ -264,15 +266,15 @@ class Context:
             llama_cpp.llama_memory_clear(self.memory, False)
 
     def close(self) -> None:
-        for adapter in self.adapters:
-            llama_cpp.llama_adapter_lora_free(adapter)
-        self.adapters = []
         if self.batch is not None:
             llama_cpp.llama_batch_free(self.batch)
             self.batch = None
         if self.pointer:
             llama_cpp.llama_free(self.pointer)
             self.pointer = None
+        for adapter in self.adapters:  # after the context that used them
+            llama_cpp.llama_adapter_lora_free(adapter)
+        self.adapters = []
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import msgspec
 import pytest
 
 from lllms_core.config import load_config
@@ -37,3 +38,22 @@ def test_importing_the_plugin_does_not_import_llama_cpp():
     code = "import sys, lllms_llamacpp; print('llama_cpp' in sys.modules)"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"lora": [{"path": "/no/such/adapter.gguf"}]}, "LoRA adapter"),
+        ({"chat_template": "{% for %}"}, "chat template"),
+    ],
+)
+def test_load_errors_name_what_is_wrong(smollm2_file, model_config, options, message):
+    from lllms_core.engine import Device
+    from lllms_core.errors import ModelLoadError
+
+    from lllms_llamacpp.engine import load_instance
+
+    config = model_config(context_size=64)
+    config.options = msgspec.convert(options, LlamaCppOptions)
+    with pytest.raises(ModelLoadError, match=message):
+        load_instance(config, smollm2_file, Device(gpu=False, cpu_threads=1))
