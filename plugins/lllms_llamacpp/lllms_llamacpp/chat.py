@@ -241,6 +241,8 @@ class ToolCallParser:
                 self.state = "header"
             elif self.state == "header":
                 match = CALL_HEADER.match(self.buffer)
+                if match is not None and match.end() == len(self.buffer):
+                    return content, deltas  # more whitespace may follow before the arguments
                 if match is None or match.group(1) not in self.known:
                     if match is not None or len(self.buffer) > HEADER_LIMIT:
                         self.unparsed = TOOL_CALL_OPEN + self.buffer

@@ -37,6 +37,7 @@ def test_calls_stream_the_same_however_the_text_is_cut(step):
     assert content == "Let me check.\n"
     assert [json.loads(call["arguments"])["city"] for call in calls] == ["Paris", "Rome"]
     assert all(call["name"] == "get_weather" for call in calls)
+    assert all(call["arguments"].startswith("{") for call in calls)
 
 
 def test_arguments_arrive_in_pieces_while_generating():
