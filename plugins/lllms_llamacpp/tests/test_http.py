@@ -1,0 +1,72 @@
+"""The OpenAI Python client against lllms' HTTP API serving the llamacpp engine."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import openai
+import trio
+
+from lllms_core.http import serve_async
+
+
+def config(model_file) -> dict:
+    return {
+        "server": {"concurrency": 2},
+        "models": {
+            "smol": {
+                "engine": "llamacpp",
+                "location": str(model_file),
+                "context_size": 512,
+                "parallel": 2,
+                "device": {"gpu": False, "cpu_threads": 1},
+            }
+        },
+    }
+
+
+async def test_openai_client_chat_stream_tools_and_completions(smollm2_file):
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_async, config(smollm2_file), host="127.0.0.1", port=0))
+
+        def use_the_client() -> None:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60)
+            answer = client.chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": "What is a dog?"}], max_tokens=8, temperature=0,
+                logprobs=True, top_logprobs=2,
+            )
+            assert "dog" in answer.choices[0].message.content.lower()
+            assert len(answer.choices[0].logprobs.content) == 8
+
+            stream = client.chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": "Weather in Oslo?"}], stream=True, max_tokens=40,
+                tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {
+                    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+                tool_choice="required", parallel_tool_calls=False, temperature=0,
+            )
+            arguments, names, finish = "", [], None
+            for chunk in stream:
+                choice = chunk.choices[0]
+                for call in choice.delta.tool_calls or []:
+                    if call.function.name:
+                        names.append(call.function.name)
+                    arguments += call.function.arguments or ""
+                finish = choice.finish_reason or finish
+            assert names == ["get_weather"] and finish == "tool_calls", (names, finish, arguments)
+            assert isinstance(json.loads(arguments)["city"], str)
+
+            completion = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=3, temperature=0)
+            assert "Paris" in completion.choices[0].text
+
+            try:
+                client.chat.completions.create(
+                    model="smol", messages=[{"role": "user", "content": "hi"}], extra_body={"grammar": "root ::= ("}
+                )
+            except openai.BadRequestError as error:
+                assert error.body["param"] == "grammar"
+            else:
+                raise AssertionError("an invalid grammar must be a 400")
+
+        await trio.to_thread.run_sync(use_the_client)
+        nursery.cancel_scope.cancel()
