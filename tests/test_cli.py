@@ -175,7 +175,7 @@ def test_pull_downloads_verifies_and_logs_in_logfmt(tmp_path, cache):
     assert result.stdout == f"✓ tiny: {location} (sha256 verified)\n"
     assert location.read_bytes() == content
     assert "level=info logger=lllms.store msg=" in result.stderr
-    assert f"tiny.gguf" in result.stderr and "300.0/300.0 kB" in result.stderr  # the finished progress bar
+    assert "tiny.gguf" in result.stderr and "300.0/300.0 kB" in result.stderr  # the finished progress bar
 
     assert again.returncode == 0 and again.stdout == result.stdout
     assert gets == 1  # the verified file was not downloaded again

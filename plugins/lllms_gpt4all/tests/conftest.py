@@ -9,18 +9,15 @@ threads slow down badly when they compete for cores.
 
 from __future__ import annotations
 
-import threading
-from functools import partial
 from pathlib import Path
 
 import openai
 import pytest
-import trio
 
 from bert_gguf import convert_bert
 from gpt4all_models import CPU, PRELOADED_MESSAGES, SMOLLM_URL, STORY_PREFIX, package_dir
-from lllms_core.http import serve_async
 from lllms_core.server import ModelServer
+from lllms_core.testing import BackgroundServer
 
 @pytest.fixture(scope="session")
 def smollm_path() -> Path:
@@ -47,55 +44,6 @@ def unknown_pre_tokenizer_gguf(tmp_path_factory) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
-
-
-class BackgroundServer:
-    """A ModelServer behind lllms' HTTP API, in a thread with its own trio loop."""
-
-    def __init__(self, server: ModelServer):
-        self.server = server
-        self.port: int | None = None
-        self.error: BaseException | None = None
-        self._started = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._cancel_scope: trio.CancelScope | None = None
-        self._thread = threading.Thread(target=self._run, name="gpt4all-test-server", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            with trio.CancelScope() as self._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    self.port = await nursery.start(partial(serve_async, self.server, host="127.0.0.1", port=0))
-                    self._started.set()
-
-        try:
-            trio.run(main)
-        except BaseException as error:
-            self.error = error
-        finally:
-            self._started.set()
-
-    def start(self) -> "BackgroundServer":
-        self._thread.start()
-        if not self._started.wait(60) or self.port is None:
-            raise RuntimeError("the test server did not start") from self.error
-        return self
-
-    def stop(self) -> None:
-        if self._token is not None and self._cancel_scope is not None:
-            try:
-                trio.from_thread.run_sync(self._cancel_scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(30)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def status(self) -> dict:
-        return trio.from_thread.run_sync(self.server.status, trio_token=self._token)
 
 
 @pytest.fixture(scope="session")

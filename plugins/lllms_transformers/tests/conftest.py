@@ -15,14 +15,11 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import threading
-from functools import partial
 from pathlib import Path
 
 import pytest
-import trio
 
-from lllms_core.http import serve_async
+from lllms_core.testing import BackgroundServer
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. Local models are private and fast."
 
@@ -158,52 +155,9 @@ def smol_tokenizer(client, cache_dir):
     return AutoTokenizer.from_pretrained(converted, local_files_only=True)
 
 
-class RunningServer:
-    """The lllms HTTP server on a free port of 127.0.0.1, in a thread with its own trio loop."""
-
-    def __init__(self, config: dict):
-        self.config = config
-        self.port: int | None = None
-        self.error: BaseException | None = None
-        self._started = threading.Event()
-        self._token = None
-        self._scope: trio.CancelScope | None = None
-        self._thread = threading.Thread(target=self._run, name="lllms-transformers-tests", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            with trio.CancelScope() as self._scope:
-                async with trio.open_nursery() as nursery:
-                    self.port = await nursery.start(partial(serve_async, self.config, host="127.0.0.1", port=0))
-                    self._started.set()
-
-        try:
-            trio.run(main)
-        except BaseException as error:
-            self.error = error
-        finally:
-            self._started.set()
-
-    def start(self) -> "RunningServer":
-        self._thread.start()
-        self._started.wait(60)
-        if self.port is None:
-            raise RuntimeError("the lllms server did not start") from self.error
-        return self
-
-    def stop(self) -> None:
-        if self._thread.is_alive() and self._scope is not None:
-            try:
-                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(60)
-
-
 @pytest.fixture(scope="session")
 def server(config):
-    running = RunningServer(config).start()
+    running = BackgroundServer(config).start()
     yield running
     running.stop()
 

@@ -1,0 +1,75 @@
+"""Test support for lllms and for engine plugins: a real lllms HTTP server on a free
+port of 127.0.0.1, running in a background thread with its own trio loop, so that
+synchronous tests can use the ``openai`` client against it."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from typing import Any
+
+import trio
+
+from lllms_core.http import serve_async
+from lllms_core.server import ModelServer
+
+
+class BackgroundServer:
+    """Serve ``config`` (a dict, TOML path, Config or ModelServer) over HTTP in a thread.
+
+    ``start()`` returns once the port is bound; ``base_url`` is ``http://127.0.0.1:<port>``;
+    ``stop()`` cancels the server (its instances are disposed) and waits for the thread.
+    """
+
+    def __init__(self, config: Any, *, name: str = "lllms-test-server"):
+        self.config = config
+        self.port: int | None = None
+        self.error: BaseException | None = None
+        self._started = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._cancel_scope: trio.CancelScope | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    self.port = await nursery.start(partial(serve_async, self.config, host="127.0.0.1", port=0))
+                    self._started.set()
+
+        try:
+            trio.run(main)
+        except BaseException as error:  # reported by start()
+            self.error = error
+        finally:
+            self._started.set()
+
+    def start(self, timeout: float = 60) -> "BackgroundServer":
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise RuntimeError("the test server did not start in time")
+        if self.port is None:
+            raise RuntimeError("the test server failed to start") from self.error
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._token is not None and self._cancel_scope is not None and self._thread.is_alive():
+            try:
+                trio.from_thread.run_sync(self._cancel_scope.cancel, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        self._thread.join(timeout)
+
+    def status(self) -> dict:
+        """The server's status report (needs ``config`` to have been a ModelServer)."""
+        if not isinstance(self.config, ModelServer):
+            raise TypeError("status() needs the BackgroundServer to wrap a ModelServer")
+        return trio.from_thread.run_sync(self.config.status, trio_token=self._token)
