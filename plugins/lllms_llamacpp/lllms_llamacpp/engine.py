@@ -20,7 +20,7 @@ import trio
 from msgspec import Meta
 
 from lllms_core.engine import ChunkSink, Device, Engine, EngineInstance, TaskContext, normalize_embedding
-from lllms_core.errors import ContextLengthExceededError, EngineError, InvalidRequestError
+from lllms_core.errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelLoadError
 from lllms_core.schemas import (
     ChatCompletionRequest,
     CompletionChunk,
@@ -32,6 +32,7 @@ from lllms_core.schemas import (
     ResponseFormatJsonSchema,
     TextCompletionRequest,
     Usage,
+    message_text,
 )
 
 if TYPE_CHECKING:
@@ -114,6 +115,31 @@ class LlamaCppInstance(EngineInstance):
         bos_text = model.piece_text(model.bos) if model.bos >= 0 else ""
         add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
         return model.tokenize(text, add_special=add_bos, parse_special=True)
+
+    def tokenize_chat(self, text: str, contents: list[str]) -> list[int]:
+        """Tokens of a rendered chat: the template's special tokens are parsed, but text
+        from the messages (``contents``) that spells a special token stays plain text, so
+        a message cannot forge a turn."""
+        model = self.model
+        forged = [content for content in contents if any(special in content for special in model.special_texts)]
+        if not forged:
+            return self.tokenize_prompt(text)
+        tokens: list[int] = []
+        position = 0
+        for content in forged:
+            found = text.find(content, position)
+            if found == -1:  # a template that trims messages
+                content = content.strip()
+                found = text.find(content, position)
+            if found == -1:  # a template that rewrites messages: its text is its own
+                continue
+            tokens += self.tokenize_prompt(text[position:found]) if position == 0 else model.tokenize(
+                text[position:found], add_special=False, parse_special=True
+            )
+            tokens += model.tokenize(content, add_special=False, parse_special=False)
+            position = found + len(content)
+        tokens += model.tokenize(text[position:], add_special=False, parse_special=True)
+        return tokens
 
     def embed(self, inputs: list[list[int]], pooling: str) -> list[list[float]]:
         """Embeddings of token lists, several sequences per batch (runs in a thread)."""
@@ -233,7 +259,7 @@ class LlamaCppEngine(Engine):
     async def create_instance(self, model: "ModelConfig", prepared: Any, device: Device) -> EngineInstance:
         location = prepared or model.location or model.file
         if location is None:
-            raise InvalidRequestError(f"model {model.id!r} has no file to load")
+            raise ModelLoadError(f"model {model.id!r} has no file to load")
         return await trio.to_thread.run_sync(load_instance, model, Path(location), device)
 
     async def dispose_instance(self, instance: EngineInstance) -> None:
@@ -291,9 +317,11 @@ class LlamaCppEngine(Engine):
         messages, prefill = prepare_messages(request.messages, template, tools)
         template_tools = tools if template.knows_tools else None
 
+        contents = [message_text(message) for message in request.messages]
+
         def tokens_of(turns: list[dict]) -> list[int]:
             text = template.render(turns, tools=template_tools, add_generation_prompt=True)
-            return instance.tokenize_prompt(text + (prefill or ""))
+            return instance.tokenize_chat(text + (prefill or ""), contents)
 
         prompt = self._fit_chat(instance, messages, tokens_of, request.token_limit)
         known = {tool.function.name for tool in request.tools} if use_tools else None

@@ -77,6 +77,14 @@ class Model:
         )
         """A recurrent state cannot be cut back to a prefix, nor copied in part."""
         self._pieces: dict[int, bytes] = {}
+        special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        self.special_texts = frozenset(
+            text
+            for token in range(self.n_vocab)
+            if llama_cpp.llama_vocab_get_attr(self.vocab, token) & special
+            and (text := self.piece_text(token))
+        )
+        """Texts that tokenize to a special token when special tokens are parsed."""
         self._eog = np.array([bool(llama_cpp.llama_vocab_is_eog(self.vocab, t)) for t in range(self.n_vocab)])
         n_layer = llama_cpp.llama_model_n_layer(self.pointer)
         n_head = max(1, llama_cpp.llama_model_n_head(self.pointer))
