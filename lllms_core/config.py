@@ -77,8 +77,9 @@ class ModelConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_d
 
 
 class ServerConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
-    concurrency: Annotated[int, Meta(ge=1)] = 1
-    """How many requests are processed at once, over all models."""
+    concurrency: Annotated[int, Meta(ge=1)] | None = None
+    """How many requests are processed at once, over all models; none: as many as the
+    instances have slots."""
     max_queue: Annotated[int, Meta(ge=0)] = 100
     """How many requests may wait for an instance; more get a queue-full error."""
     cache_dir: str | None = None

@@ -39,7 +39,8 @@ class _StatusCollector(Collector):
         yield GaugeMetricFamily("lllms_ready", "1 when the models that must be loaded at start are", value=int(status["ready"]))
         yield GaugeMetricFamily("lllms_queued_requests", "Requests waiting for an instance", value=status["queued"])
         yield GaugeMetricFamily("lllms_processing_requests", "Requests being processed", value=status["processing"])
-        yield GaugeMetricFamily("lllms_concurrency_limit", "Requests processed at once at most", value=status["concurrency"])
+        if status["concurrency"] is not None:
+            yield GaugeMetricFamily("lllms_concurrency_limit", "Requests processed at once at most", value=status["concurrency"])
 
         instances = GaugeMetricFamily("lllms_instances", "Model instances by state", labels=["model", "state"])
         slots = GaugeMetricFamily("lllms_slots", "Sequence slots of loaded instances, busy or free", labels=["model", "state"])

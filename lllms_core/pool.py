@@ -300,7 +300,8 @@ class ModelPool:
             if instance.state == "loading"
         }
         for waiter in list(self._waiters):
-            if self._processing >= self.config.server.concurrency:
+            limit = self.config.server.concurrency
+            if limit is not None and self._processing >= limit:
                 break
             model = waiter.model
             slot = self._matching_slot(model, waiter.key)

@@ -254,7 +254,7 @@ class ServerStatus(Struct, kw_only=True):
     ready: bool
     processing: int
     queued: int
-    concurrency: int
+    concurrency: int | None
     models: dict[str, ModelStatus]
     instances: list[InstanceStatus]
 
