@@ -62,12 +62,17 @@ def _source_facts(gguf: Path) -> dict:
     return {"file": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "transformers": transformers.__version__}
 
 
+def conversion_target(gguf: Path, directory: Path) -> Path:
+    """Where ``convert_gguf`` keeps the converted copy of ``gguf`` (one per source path)."""
+    digest = hashlib.blake2b(str(gguf.resolve()).encode(), digest_size=6).hexdigest()
+    return directory / f"{gguf.stem}-{digest}"
+
+
 def convert_gguf(model, gguf: Path, directory: Path) -> Path:
     """De-quantize a GGUF file into a transformers directory (safetensors, tokenizer and
     chat template), once: later calls reuse it while the GGUF file is unchanged."""
     facts = _source_facts(gguf)
-    digest = hashlib.blake2b(facts["file"].encode(), digest_size=6).hexdigest()
-    target = directory / f"{gguf.stem}-{digest}"
+    target = conversion_target(gguf, directory)
     directory.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(target) + ".lock"):
         if _up_to_date(target, facts):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from lllms_core.testing import BackgroundServer
+from lllms_transformers.loading import conversion_target
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. Local models are private and fast."
 
@@ -146,12 +147,12 @@ def config(cache_dir, whisper_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
-def smol_tokenizer(client, cache_dir):
+def smol_tokenizer(client, cache_dir, smollm2_gguf):
     """SmolLM2's tokenizer, from the engine's converted copy."""
     from transformers import AutoTokenizer
 
     client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
-    [converted] = [path for path in (cache_dir / "transformers").glob("SmolLM2-135M-Instruct.Q4_1-*") if path.is_dir()]
+    converted = conversion_target(smollm2_gguf, cache_dir / "transformers")
     return AutoTokenizer.from_pretrained(converted, local_files_only=True)
 
 

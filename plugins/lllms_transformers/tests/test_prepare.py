@@ -24,7 +24,7 @@ def test_importing_the_plugin_imports_neither_torch_nor_transformers():
 
 def test_the_gguf_is_converted_once_and_reused(client, cache_dir, smollm2_gguf):
     client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
-    [converted] = [path for path in (cache_dir / "transformers").glob("SmolLM2-135M-Instruct.Q4_1-*") if path.is_dir()]
+    converted = loading.conversion_target(smollm2_gguf, cache_dir / "transformers")
     names = {path.name for path in converted.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", loading.CONVERTED_MARK} <= names
     assert json.loads((converted / loading.CONVERTED_MARK).read_text())["size"] > 0
