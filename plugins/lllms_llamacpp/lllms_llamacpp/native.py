@@ -24,7 +24,8 @@ POOLING_NAMES = {1: "mean", 2: "cls", 3: "last"}
 
 native_log = logging.getLogger("lllms.llamacpp.native")
 # ggml's levels: 1 debug, 2 info, 3 warning, 4 error, 5 continuation of the previous line
-_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+# its warnings at load time are advice for llama.cpp developers: info, so a default log stays quiet
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
 _last_level = [logging.DEBUG]
 
 

@@ -146,6 +146,10 @@ def torch_dtype(model, device):
 def load(model, prepared: Path, device: Device):
     """Load what ``model.task`` needs onto the device; return the engine's loaded object."""
     import torch
+    from transformers.utils import logging as transformers_logging
+
+    # a server's log is no terminal: no "Loading weights" progress bars on stderr
+    transformers_logging.disable_progress_bar()
 
     if device.cpu_threads:
         # process-wide: every torch model of this process uses this many threads
