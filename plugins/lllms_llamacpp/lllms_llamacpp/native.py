@@ -10,6 +10,8 @@ import ctypes
 import logging
 import math
 import os
+import re
+import threading
 from dataclasses import dataclass, field
 
 import llama_cpp
@@ -27,16 +29,28 @@ native_log = logging.getLogger("lllms.llamacpp.native")
 # its warnings at load time are advice for llama.cpp developers: info, so a default log stays quiet
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
 _last_level = [logging.DEBUG]
+_last_error = threading.local()
+"""The last error llama.cpp logged on this thread: a failed call returns only NULL, the reason is in its log."""
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data) -> None:
     python_level = _LOG_LEVELS.get(level, _last_level[0])
     _last_level[0] = python_level
+    if level == 4:
+        _last_error.message = text.decode("utf-8", "replace").strip()
     if native_log.isEnabledFor(python_level):
         message = text.decode("utf-8", "replace").rstrip()
         if message:
             native_log.log(python_level, "%s", message)
+
+
+def native_error_reason(call, *args):
+    """Run a llama.cpp call; return its result and the error it logged meanwhile (empty if none),
+    without the function name llama.cpp puts before its messages."""
+    _last_error.message = ""
+    result = call(*args)
+    return result, re.sub(r"^\w+: ", "", _last_error.message)
 
 
 def quiet_llama_logs() -> None:
@@ -225,10 +239,13 @@ class Context:
             llama_cpp.llama_set_adapters_lora(self.pointer, array, len(self.adapters), scales)
 
     def _load_lora(self, path: str):
-        adapter = llama_cpp.llama_adapter_lora_init(self.model.pointer, path.encode())
+        if not os.path.exists(path):
+            self.close()
+            raise ModelLoadError(f"LoRA adapter file {path!r} does not exist")
+        adapter, reason = native_error_reason(llama_cpp.llama_adapter_lora_init, self.model.pointer, path.encode())
         if not adapter:
             self.close()
-            raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {path!r}")
+            raise ModelLoadError(f"llama.cpp could not load the LoRA adapter {path!r}: {reason or 'see its log'}")
         return adapter
 
     # --- batch ------------------------------------------------------------------

@@ -98,3 +98,9 @@ def smollm2_file() -> Path:
 def model_config_factory():
     """``model_config(task=..., context_size=..., **options)`` builds a ModelConfig."""
     return model_config
+
+
+@pytest.fixture(name="loaded", scope="session")
+def loaded_factory():
+    """``loaded(config)`` loads an instance with request helpers; the test closes its ``instance``."""
+    return Loaded
