@@ -2,10 +2,11 @@
 
 Example:
   python bench/summarize.py /tmp/lllms-bench/*/*-run*.json
+  python bench/summarize.py --quiet-only 0.3 /tmp/lllms-bench/*/*-run*.json
 """
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 
@@ -72,11 +73,32 @@ def others_cell(runs):
     return span(values, 2)
 
 
-def main(paths):
+def drop_noisy_figures(report, max_cores):
+    """Removes the figures taken while other processes used more than max_cores."""
+
+    def noisy(figure):
+        return figure.get("other_processes_cores") is None or figure["other_processes_cores"] > max_cores
+
+    for name in ("single", "growing_chat", "conversations"):
+        if report.get(name) and noisy(report[name]):
+            del report[name]
+    concurrent = report.get("concurrent") or {}
+    for n in [n for n, figure in concurrent.items() if noisy(figure)]:
+        del concurrent[n]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="JSON files printed by bench.py")
+    p.add_argument("--quiet-only", type=float, metavar="CORES",
+                   help="leave out figures taken while other processes used more than CORES cores")
+    args = p.parse_args()
     by_label = defaultdict(list)
-    for path in paths:
+    for path in args.results:
         with open(path) as f:
             report = json.load(f)
+        if args.quiet_only is not None:
+            drop_noisy_figures(report, args.quiet_only)
         by_label[report["label"]].append(report)
     print(
         "| server | runs | 1 stream tok/s | 8 streams aggregate tok/s | 16 streams aggregate tok/s "
@@ -95,4 +117,4 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
