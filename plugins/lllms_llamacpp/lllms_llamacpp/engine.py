@@ -121,7 +121,7 @@ class LlamaCppInstance(EngineInstance):
         from the messages (``contents``) that spells a special token stays plain text, so
         a message cannot forge a turn."""
         model = self.model
-        forged = [content for content in contents if any(special in content for special in model.special_texts)]
+        forged = [content for content in contents if self.spells_special(content)]
         if not forged:
             return self.tokenize_prompt(text)
         tokens: list[int] = []
@@ -140,6 +140,38 @@ class LlamaCppInstance(EngineInstance):
             position = found + len(content)
         tokens += model.tokenize(text[position:], add_special=False, parse_special=True)
         return tokens
+
+    def spells_special(self, content: str) -> bool:
+        return any(special in content for special in self.model.special_texts)
+
+    def keep_held_tokens(self, slot: int, prompt: list[int]) -> list[int]:
+        """The prompt, with the tokens the slot's sequence holds wherever the prompt's text
+        continues them.
+
+        A follow-up turn resends the previous answer as text, and tokenizing it again may
+        split it otherwise than the model generated it (``"\\n\\n"`` as one token or two):
+        from the first difference on, the rest of the conversation would be evaluated again.
+        The held tokens spell the same text, so they are kept and only the text after them is
+        tokenized. Only for prompts whose messages spell no special token: the text after the
+        held tokens is then tokenized as :meth:`tokenize_prompt` would."""
+        from lllms_llamacpp.scheduler import common_prefix
+
+        held = list(self.slot_states[slot].tokens)  # a snapshot: the scheduler thread owns the list
+        same = common_prefix(held, prompt)
+        if same == len(held):
+            return prompt
+        model = self.model
+        held_rest, prompt_rest = model.spell(held[same:]), model.spell(prompt[same:])
+        if len(prompt_rest) <= len(held_rest) or not prompt_rest.startswith(held_rest):
+            return prompt
+        try:
+            text = prompt_rest[len(held_rest) :].decode("utf-8")
+        except UnicodeDecodeError:  # the held tokens end inside a character
+            return prompt
+        tail = model.tokenize(text, add_special=False, parse_special=True)
+        if model.spell(tail) != prompt_rest[len(held_rest) :]:  # a tokenizer that adds a leading space
+            return prompt
+        return held + tail if len(held) + len(tail) < self.n_ctx_seq else prompt
 
     def embed(self, inputs: list[list[int]], pooling: str) -> list[list[float]]:
         """Embeddings of token lists, several sequences per batch (runs in a thread)."""
@@ -324,6 +356,8 @@ class LlamaCppEngine(Engine):
             return instance.tokenize_chat(text + (prefill or ""), contents)
 
         prompt = self._fit_chat(instance, messages, tokens_of, request.token_limit)
+        if not context.fresh and not any(instance.spells_special(content) for content in contents):
+            prompt = instance.keep_held_tokens(context.slot, prompt)
         known = {tool.function.name for tool in request.tools} if use_tools else None
         return await self._complete(context, request, sink, [prompt], grammar, known, echo=[None])
 

@@ -92,6 +92,7 @@ class Model:
         )
         """A recurrent state cannot be cut back to a prefix, nor copied in part."""
         self._pieces: dict[int, bytes] = {}
+        self._spellings: dict[int, bytes] = {}
         special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
         self.special_texts = frozenset(
             text
@@ -160,19 +161,28 @@ class Model:
         """The bytes a generated token stands for (control tokens render as nothing)."""
         piece = self._pieces.get(token)
         if piece is None:
-            buffer = ctypes.create_string_buffer(64)
-            count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 64, 0, False)
-            if count < 0:
-                buffer = ctypes.create_string_buffer(-count)
-                count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -count, 0, False)
-            piece = self._pieces[token] = buffer.raw[:count]
+            piece = self._pieces[token] = self._token_bytes(token, special=False)
         return piece
 
     def piece_text(self, token: int) -> str:
         """The text of a token, special tokens included (``<|im_start|>``...)."""
-        buffer = ctypes.create_string_buffer(256)
-        count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 256, 0, True)
-        return buffer.raw[: max(count, 0)].decode("utf-8", "replace")
+        return self._token_bytes(token, special=True).decode("utf-8", "replace")
+
+    def spell(self, tokens: list[int]) -> bytes:
+        """The bytes of tokens as a prompt spells them, special tokens included."""
+        spellings = self._spellings
+        for token in tokens:
+            if token not in spellings:
+                spellings[token] = self._token_bytes(token, special=True)
+        return b"".join([spellings[token] for token in tokens])
+
+    def _token_bytes(self, token: int, *, special: bool) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, 64, 0, special)
+        if count < 0:
+            buffer = ctypes.create_string_buffer(-count)
+            count = llama_cpp.llama_token_to_piece(self.vocab, token, buffer, -count, 0, special)
+        return buffer.raw[: max(count, 0)]
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(token) for token in tokens).decode("utf-8", "replace")

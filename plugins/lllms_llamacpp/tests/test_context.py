@@ -25,6 +25,24 @@ async def test_second_turn_reuses_the_first_turns_tokens(smol):
     assert turn2.usage.prompt_tokens > seen
 
 
+async def test_a_follow_up_keeps_an_answer_the_tokenizer_would_split_otherwise(smol):
+    """The sequence holds the answer as generated; the follow-up resends it as text, whose
+    tokens differ (here: one token per character), and still nothing of it is evaluated again."""
+    instance = smol.instance
+    first = [UserMessage(content="Say hello.")]
+    answer = "Hello there, my good friend."
+    rendered = instance.template.render([{"role": "user", "content": first[0].content}], tools=None,
+                                        add_generation_prompt=True)
+    spelled_by_characters = [token for character in answer
+                             for token in instance.model.tokenize(character, add_special=False, parse_special=False)]
+    held = instance.tokenize_prompt(rendered) + spelled_by_characters
+    await smol.complete(slot=1, prompt=held, max_tokens=1)
+    assert instance.slot_states[1].tokens == held
+    second = [*first, AssistantMessage(content=answer), UserMessage(content="And goodbye?")]
+    _, _, result = await smol.chat(slot=1, messages=second, max_tokens=2)
+    assert result.usage.cached_tokens == len(held)
+
+
 async def test_conversations_on_other_slots_never_leak(smol):
     secret = [UserMessage(content="My secret password is Zorblax. Remember it.")]
     await smol.chat(slot=3, messages=secret, max_tokens=4)
