@@ -10,7 +10,7 @@ kept and shown, never text.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import msgspec
 
@@ -47,10 +47,10 @@ def text_key(text: str) -> ContextKey:
     return _chain(text[i * TEXT_BLOCK : (i + 1) * TEXT_BLOCK].encode() for i in range(blocks))
 
 
-def common_prefix(a: ContextKey, b: ContextKey) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading items two sequences share (context keys, token ids)."""
+    length = min(len(a), len(b))
+    for position in range(length):
+        if a[position] != b[position]:
+            return position
     return length

@@ -19,6 +19,7 @@ import msgspec
 import trio
 from msgspec import Meta
 
+from lllms_core.context import common_prefix
 from lllms_core.engine import ChunkSink, Device, Engine, EngineInstance, TaskContext, normalize_embedding
 from lllms_core.errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelLoadError
 from lllms_core.schemas import (
@@ -154,8 +155,6 @@ class LlamaCppInstance(EngineInstance):
         The held tokens spell the same text, so they are kept and only the text after them is
         tokenized. Only for prompts whose messages spell no special token: the text after the
         held tokens is then tokenized as :meth:`tokenize_prompt` would."""
-        from lllms_llamacpp.scheduler import common_prefix
-
         held = list(self.slot_states[slot].tokens)  # a snapshot: the scheduler thread owns the list
         same = common_prefix(held, prompt)
         if same == len(held):

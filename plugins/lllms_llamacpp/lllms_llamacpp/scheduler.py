@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from lllms_core.context import common_prefix
 from lllms_core.engine import StopStringFilter
 from lllms_core.errors import EngineError, LllmsError
 from lllms_core.schemas import TokenLogprob, TopLogprob
@@ -392,10 +393,3 @@ class Scheduler:
             "decoded_tokens": self.decoded_tokens,
         }
 
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    length = min(len(a), len(b))
-    for position in range(length):
-        if a[position] != b[position]:
-            return position
-    return length

@@ -39,6 +39,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from lllms_core.context import common_prefix
 from lllms_core.engine import StopStringFilter
 from lllms_core.errors import ContextLengthExceededError, InvalidRequestError
 from lllms_core.schemas import (
@@ -312,15 +313,6 @@ class TokenHandler(StoppingCriteria):
 # --- one choice -----------------------------------------------------------------------
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
-
-
 def generate_choice(
     generator: TextGenerator,
     state: SlotState,
@@ -341,7 +333,7 @@ def generate_choice(
     max_new = min(sampling.max_tokens or room, room)
 
     # reuse the slot's cache for the common prefix; at least one prompt token is evaluated
-    reused = min(_common_prefix(state.tokens, prompt), len(prompt) - 1)
+    reused = min(common_prefix(state.tokens, prompt), len(prompt) - 1)
     cache = state.cache
     if cache is None or reused == 0:
         cache, reused = DynamicCache(config=model.config), 0
