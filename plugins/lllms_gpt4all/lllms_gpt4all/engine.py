@@ -168,6 +168,17 @@ class Generation:
     def finish_reason(self) -> Literal["stop", "length"]:
         return "length" if not self.stopped and self.tokens >= self.max_tokens else "stop"
 
+    def result(self, cached: int) -> CompletionResult:
+        """The task's result, ``cached`` prompt tokens having been reused from the slot."""
+        return CompletionResult(
+            finish_reasons=[self.finish_reason],
+            usage=Usage(
+                prompt_tokens=cached + self.prompt_tokens,
+                completion_tokens=self.tokens,
+                cached_tokens=cached,
+            ),
+        )
+
 
 def _always() -> bool:
     return True
@@ -353,14 +364,7 @@ class Gpt4AllEngine(Engine):
 
         cached, evaluated = await self._run(instance, run)
         instance.slot_states[context.slot] = evaluated
-        return CompletionResult(
-            finish_reasons=[generation.finish_reason],
-            usage=Usage(
-                prompt_tokens=cached + generation.prompt_tokens,
-                completion_tokens=generation.tokens,
-                cached_tokens=cached,
-            ),
-        )
+        return generation.result(cached)
 
     async def text_completion(
         self, context: TaskContext, request: TextCompletionRequest, sink: ChunkSink
@@ -402,14 +406,7 @@ class Gpt4AllEngine(Engine):
         cached, intact = await self._run(instance, run)
         if intact:
             instance.slot_states[context.slot] = TextState(prompt + generation.text)
-        return CompletionResult(
-            finish_reasons=[generation.finish_reason],
-            usage=Usage(
-                prompt_tokens=cached + generation.prompt_tokens,
-                completion_tokens=generation.tokens,
-                cached_tokens=cached,
-            ),
-        )
+        return generation.result(cached)
 
     async def embedding(self, context: TaskContext, request: EmbeddingRequest) -> EmbeddingResult:
         instance: Gpt4AllInstance = context.instance
