@@ -83,3 +83,37 @@ async def test_concurrent_streams_and_a_forced_tool_call(smollm2_file):
         assert choice.finish_reason == "tool_calls"
         assert choice.tool_calls[0].function.name == "get_weather"
         assert "city" in json.loads(choice.tool_calls[0].function.arguments)
+
+
+async def test_seed_grammar_and_tools_behave_the_same_under_concurrency(smollm2_file):
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+    schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
+    seeded = {"model": "smol", "messages": [{"role": "user", "content": "Tell me a fun fact."}],
+              "temperature": 1.0, "seed": 1234, "max_tokens": 16}
+    shaped = {"model": "smol", "messages": [{"role": "user", "content": "Name a colour as JSON."}], "max_tokens": 30,
+              "response_format": {"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}}}
+    called = {"model": "smol", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [tool],
+              "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 40}
+    plain = {"model": "smol", "messages": [{"role": "user", "content": "Count from one to ten."}], "max_tokens": 20}
+    async with ModelServer(config(smollm2_file)) as server:
+        alone = await server.chat_completion(seeded)
+        results = {}
+
+        async def run(name, request):
+            results[name] = await server.chat_completion(request)
+
+        async with trio.open_nursery() as nursery:
+            for name, request in {"seeded": seeded, "shaped": shaped, "called": called, "plain": plain}.items():
+                nursery.start_soon(run, name, request)
+    assert results["seeded"].choices[0].text == alone.choices[0].text, "the same seed gives the same text beside others"
+    assert isinstance(json.loads(results["shaped"].choices[0].text)["colour"], str)
+    call = results["called"].choices[0]
+    assert call.finish_reason == "tool_calls" and call.tool_calls[0].function.name == "get_weather"
+    assert "city" in json.loads(call.tool_calls[0].function.arguments)
+    assert results["plain"].choices[0].text
