@@ -287,6 +287,12 @@ class LlamaCppEngine(Engine):
         }
     )
 
+    def gpu_available(self) -> bool:
+        """Whether this llama.cpp build can offload to a GPU (a CPU-only build cannot)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_supports_gpu_offload())
+
     async def create_instance(self, model: "ModelConfig", prepared: Any, device: Device) -> EngineInstance:
         location = prepared or model.location or model.file
         if location is None:

@@ -57,3 +57,13 @@ def test_load_errors_name_what_is_wrong(smollm2_file, model_config, options, mes
     config.options = msgspec.convert(options, LlamaCppOptions)
     with pytest.raises(ModelLoadError, match=message):
         load_instance(config, smollm2_file, Device(gpu=False, cpu_threads=1))
+
+
+def test_a_cpu_only_build_does_not_claim_the_gpu():
+    from lllms_core.plugins import get_plugin_manager
+
+    import llama_cpp
+
+    engine = get_plugin_manager().engines["llamacpp"]()
+    assert engine.gpu_available() is bool(llama_cpp.llama_supports_gpu_offload())
+    assert engine.gpu_available() is False, "this machine's llama-cpp-python is a CPU build"
