@@ -19,6 +19,7 @@ from lllms_core.errors import UnsupportedParameterError
 
 if TYPE_CHECKING:
     from lllms_core.config import ModelConfig
+    from lllms_core.samplers import Sampler
     from lllms_core.schemas import (
         ChatCompletionRequest,
         CompletionChunk,
@@ -133,8 +134,11 @@ class Engine:
     logits_processors: ClassVar[bool] = False
     needs_model_file: ClassVar[bool] = True
 
-    def __init__(self, store: "ModelStore | None" = None):
+    def __init__(self, store: "ModelStore | None" = None, samplers: "dict[str, Sampler] | None" = None):
         self.store = store
+        self.samplers = samplers or {}
+        """The sampler registry by name: an engine with ``logits_processors`` builds plugin
+        samplers' processors from it (see :func:`lllms_core.samplers.requested_logits_processors`)."""
 
     def gpu_available(self) -> bool:
         """Whether this engine can use a GPU on this machine; ``device.gpu = "auto"`` models take

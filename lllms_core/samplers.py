@@ -3,6 +3,7 @@ engine cannot do."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import msgspec
@@ -15,8 +16,11 @@ class Sampler(msgspec.Struct, frozen=True, kw_only=True):
     """A named sampler and the request parameters that ask for it.
 
     ``logits_processor``: for plugin samplers, a factory ``(value, request) -> fn(token_ids, logits) -> logits``
-    that engines with ``logits_processors = True`` apply at each step. Built-in samplers
-    leave it ``None``: engines implement those natively.
+    that engines with ``logits_processors = True`` apply at each step: ``token_ids`` is the
+    sequence so far (prompt and generated tokens) as a ``list[int]``, ``logits`` the next
+    token's logits (for transformers a 1-D float32 torch tensor, one value per token id of
+    the model's vocabulary); ``fn`` returns the logits to use. Built-in samplers leave it
+    ``None``: engines implement those natively.
     """
 
     name: str
@@ -59,6 +63,22 @@ def _requested(request: Any, parameter: str) -> Any:
     if value is None:
         value = request.plugin_parameters.get(parameter) if hasattr(request, "plugin_parameters") else None
     return value
+
+
+def requested_logits_processors(samplers: dict[str, Sampler], request: Any) -> list[Callable[[], Callable]]:
+    """The logits processors of the plugin samplers ``request`` asks for, as builders that take
+    no arguments: an engine calls one per generated sequence, so a processor that keeps state
+    starts afresh for each choice. A sampler is asked for when the request sets any of its
+    parameters; its factory gets the value of the first one set (and reads any others from
+    ``request.plugin_parameters``)."""
+    builders = []
+    for sampler in samplers.values():
+        if sampler.logits_processor is None:
+            continue
+        values = [value for parameter in sampler.parameters if (value := _requested(request, parameter)) is not None]
+        if values:
+            builders.append(functools.partial(sampler.logits_processor, values[0], request))
+    return builders
 
 
 def check_request(engine: Any, task: Any, samplers: dict[str, Sampler], request: Any, model_id: str) -> None:

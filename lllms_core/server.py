@@ -140,7 +140,7 @@ class ModelServer:
         self.store = ModelStore(self.config, self.engines)
         for model in self.config.models.values():
             if model.engine not in self.engines:
-                self.engines[model.engine] = self.plugins.engines[model.engine](self.store)
+                self.engines[model.engine] = self.plugins.engines[model.engine](self.store, self.plugins.samplers)
         self.wait_ready = wait_ready
         self.pool: ModelPool | None = None
         self.fingerprints = {

@@ -60,6 +60,7 @@ class TransformersEngine(Engine):
             "token_input", "pooling",
         }
     )  # fmt: skip
+    logits_processors = True
 
     async def prepare_model(self, model, location: Path | None):
         if location is None:

@@ -2,10 +2,10 @@
 
 ``model.generate`` runs in a worker thread bounded by the instance's limiter.
 Sampling is transformers' own logits processors, built here in a fixed order
-(penalty, bias, grammar, then temperature / top-k / top-p / min-p), followed by
-a seeded sampler with its own ``torch.Generator`` so that ``seed`` does not
-depend on the process-wide random state. A stopping criterion receives each
-new token: it decodes it, sends it to trio and stops generation on a stop
+(penalty, bias, grammar, plugin samplers, then temperature / top-k / top-p /
+min-p), followed by a seeded sampler with its own ``torch.Generator`` so that
+``seed`` does not depend on the process-wide random state. A stopping criterion
+receives each new token: it decodes it, sends it to trio and stops generation on a stop
 string or once the request is cancelled.
 
 Each slot keeps the tokens it evaluated and their KV cache (a ``DynamicCache``).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import jinja2
 import msgspec
@@ -42,6 +42,7 @@ from transformers import (
 from lllms_core.context import common_prefix
 from lllms_core.engine import StopStringFilter
 from lllms_core.errors import ContextLengthExceededError, InvalidRequestError
+from lllms_core.samplers import requested_logits_processors
 from lllms_core.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -115,6 +116,8 @@ class Sampling:
     stops: list[str]
     top_logprobs: int | None
     """None: no logprobs; else how many alternatives per token."""
+    plugin_processors: list[Callable[[], Callable]]
+    """Builders of the requested plugin samplers' ``fn(token_ids, logits) -> logits``, one call per choice."""
 
 
 SAMPLING_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repetition_penalty"}
@@ -130,7 +133,7 @@ def model_sampling_defaults(generation_config) -> dict[str, float]:
     return {parameter: written[name] for parameter, name in SAMPLING_DEFAULTS.items() if written.get(name) is not None}
 
 
-def _sampling(request, generator: "TextGenerator", top_logprobs: int | None) -> Sampling:
+def _sampling(engine, request, generator: "TextGenerator", top_logprobs: int | None) -> Sampling:
     vocab_size = generator.model.config.vocab_size
     unset = {name: value for name, value in generator.sampling_defaults.items() if getattr(request, name) is None}
     if unset:
@@ -157,6 +160,7 @@ def _sampling(request, generator: "TextGenerator", top_logprobs: int | None) -> 
         max_tokens=request.token_limit,
         stops=request.stop_list,
         top_logprobs=top_logprobs,
+        plugin_processors=requested_logits_processors(engine.samplers, request),
     )
 
 
@@ -181,9 +185,27 @@ class OccurrencePenalty(LogitsProcessor):
         return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
 
 
+class PluginSamplers(LogitsProcessor):
+    """Plugin samplers' logits processors, in the registry's order. Each gets a sequence so
+    far as a ``list[int]`` and its next token's logits as a 1-D float32 tensor over the
+    vocabulary, and returns the logits to use."""
+
+    def __init__(self, functions: list[Callable]):
+        self.functions = functions
+
+    def __call__(self, input_ids, scores):
+        rows = []
+        for token_ids, logits in zip(input_ids.tolist(), scores):
+            for function in self.functions:
+                logits = function(token_ids, logits)
+            rows.append(logits)
+        return torch.stack(rows)
+
+
 class LogprobRecorder(LogitsProcessor):
-    """Keeps the log-probabilities of the step's distribution (after penalties, bias and
-    grammar, before temperature and truncation), for the token handler to report."""
+    """Keeps the log-probabilities of the step's distribution (after penalties, bias,
+    grammar and plugin samplers, before temperature and truncation), for the token handler
+    to report."""
 
     def __init__(self):
         self.last: torch.Tensor | None = None
@@ -350,6 +372,8 @@ def generate_choice(
         processors.append(SequenceBiasLogitsProcessor(sampling.logit_bias))
     if grammar is not None:
         processors.append(structured.logits_processor(grammar))
+    if sampling.plugin_processors:
+        processors.append(PluginSamplers([build() for build in sampling.plugin_processors]))
     recorder = LogprobRecorder() if sampling.top_logprobs is not None else None
     if recorder is not None:
         processors.append(recorder)
@@ -520,7 +544,7 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
     top = None
     if request.logprobs or request.top_logprobs:
         top = request.top_logprobs or 0
-    sampling = _sampling(request, generator, top)
+    sampling = _sampling(engine, request, generator, top)
 
     def prepare() -> tuple[list[int], Any]:
         # in the instance's thread: the tokenizer is not shared between threads
@@ -543,7 +567,7 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
 async def text_completion(engine, context, request: TextCompletionRequest, sink) -> CompletionResult:
     generator: TextGenerator = context.instance.loaded
     tokenizer = generator.tokenizer
-    sampling = _sampling(request, generator, request.logprobs)
+    sampling = _sampling(engine, request, generator, request.logprobs)
 
     def prepare() -> tuple[list[tuple[list[int], str]], Any]:
         # in the instance's thread: the tokenizer is not shared between threads
