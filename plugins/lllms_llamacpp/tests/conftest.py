@@ -50,19 +50,17 @@ class Loaded:
         return TaskContext(instance=self.instance, slot=slot, model=config or self.config, fresh=fresh)
 
     async def chat(self, slot: int = 0, **fields: Any) -> tuple[str, list[CompletionChunk], Any]:
-        fields.setdefault("temperature", 0)
-        fields.setdefault("max_tokens", 16)
-        request = ChatCompletionRequest(model="smollm2", **fields)
-        chunks: list[CompletionChunk] = []
-        result = await self.engine.chat_completion(self.context(slot), request, ChunkSink(chunks.append))
-        return "".join(chunk.text for chunk in chunks if chunk.index == 0), chunks, result
+        return await self._run(self.engine.chat_completion, ChatCompletionRequest, slot, fields)
 
     async def complete(self, slot: int = 0, **fields: Any) -> tuple[str, list[CompletionChunk], Any]:
+        return await self._run(self.engine.text_completion, TextCompletionRequest, slot, fields)
+
+    async def _run(self, task, request_type, slot: int, fields: dict) -> tuple[str, list[CompletionChunk], Any]:
+        """Run a request (greedy, 16 tokens unless told) on ``slot``: choice 0's text, all chunks, the result."""
         fields.setdefault("temperature", 0)
         fields.setdefault("max_tokens", 16)
-        request = TextCompletionRequest(model="smollm2", **fields)
         chunks: list[CompletionChunk] = []
-        result = await self.engine.text_completion(self.context(slot), request, ChunkSink(chunks.append))
+        result = await task(self.context(slot), request_type(model="smollm2", **fields), ChunkSink(chunks.append))
         return "".join(chunk.text for chunk in chunks if chunk.index == 0), chunks, result
 
 
