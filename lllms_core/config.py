@@ -19,7 +19,7 @@ from msgspec import Meta, Struct, field
 from lllms_core.errors import ConfigError
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
-TASK_NAMES = ("chat-completion", "text-completion", "embedding", "speech-to-text", "image-to-text")
+TASK_NAMES = ("chat-completion", "text-completion", "embedding", "speech-to-text", "image-to-text", "rerank")
 
 ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN)]
 Seconds = Annotated[float, Meta(ge=0)]
@@ -86,6 +86,10 @@ class ServerConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     request_timeout: Seconds | None = None
     """Seconds a request may take, waiting included; none by default."""
+    responses_store_mb: Annotated[int, Meta(ge=0)] = 256
+    """The most MiB of stored Responses-API responses kept in the cache directory (oldest go first)."""
+    responses_store_days: Annotated[float, Meta(ge=0)] = 30
+    """Stored responses older than this many days go."""
 
 
 class HttpConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

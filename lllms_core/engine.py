@@ -24,11 +24,17 @@ if TYPE_CHECKING:
         ChatCompletionRequest,
         CompletionChunk,
         CompletionResult,
+        DetokenizeRequest,
+        DetokenizeResult,
         EmbeddingRequest,
         EmbeddingResult,
         ImageToTextRequest,
         ImageToTextResult,
+        RerankRequest,
+        RerankResult,
         TextCompletionRequest,
+        TokenizeRequest,
+        TokenizeResult,
         TranscriptionRequest,
         TranscriptionResult,
     )
@@ -57,7 +63,11 @@ class EngineInstance:
     ``slots``: how many sequences this instance processes at once (each a slot
     of the pool with its own context state). ``limiter`` bounds the threads that
     run its blocking calls. ``info()`` adds engine facts to the status report.
+    ``chat_template``: the Jinja chat template the instance renders chats with, if any;
+    the core reads from it whether the model thinks (see :mod:`lllms_core.reasoning`).
     """
+
+    chat_template: str | None = None
 
     def __init__(self, *, slots: int = 1, limiter: trio.CapacityLimiter | None = None, **attributes: Any):
         self.slots = slots
@@ -124,6 +134,9 @@ class Engine:
       sampler and task registries), e.g. ``{"temperature", "seed", "tools", "logprobs"}``.
     - ``logits_processors``: whether it applies plugin samplers' logits processors.
     - ``needs_model_file``: whether a model needs ``url``/``file``/``location``.
+
+    Optional task methods (``rerank``, ``tokenize``, ``detokenize``) refuse by default;
+    an engine that overrides one offers it (see :meth:`implements`).
     """
 
     name: ClassVar[str]
@@ -181,6 +194,27 @@ class Engine:
     async def image_to_text(self, context: TaskContext, request: "ImageToTextRequest") -> "ImageToTextResult":
         raise NotImplementedError
 
+    async def rerank(self, context: TaskContext, request: "RerankRequest") -> "RerankResult":
+        """Score each document's relevance to the query, for a model configured with the
+        ``rerank`` task (a cross-encoder). Embedding models rerank without it: the core
+        scores them by cosine similarity."""
+        raise self.unsupported("model", "reranking")
+
+    async def tokenize(self, context: TaskContext, request: "TokenizeRequest") -> "TokenizeResult":
+        """The token ids of ``request.content`` (or of ``request.messages`` rendered with the
+        model's chat template), with their pieces when ``with_pieces``. Optional; runs its
+        blocking work in a thread."""
+        raise self.unsupported("model", "tokenizing")
+
+    async def detokenize(self, context: TaskContext, request: "DetokenizeRequest") -> "DetokenizeResult":
+        """The text of token ids. Optional; runs its blocking work in a thread."""
+        raise self.unsupported("model", "detokenizing")
+
+    @classmethod
+    def implements(cls, method: str) -> bool:
+        """Whether this engine overrides an optional method of :class:`Engine`."""
+        return getattr(cls, method) is not getattr(Engine, method)
+
     def unsupported(self, param: str, what: str | None = None) -> UnsupportedParameterError:
         """The error for a parameter this engine cannot honour."""
         return UnsupportedParameterError(
@@ -194,12 +228,14 @@ class StopStringFilter:
 
     ``push(text)`` returns ``(text_to_emit, stopped)``; after a stop, generation ends.
     ``flush()`` returns what was held back when generation ends without a stop.
+    ``matched`` is the stop string found, once one is.
     """
 
     def __init__(self, stops: list[str]):
         self.stops = [stop for stop in stops if stop]
         self.hold = max((len(stop) for stop in self.stops), default=1) - 1
         self.pending = ""
+        self.matched: str | None = None
 
     def push(self, text: str) -> tuple[str, bool]:
         if not self.stops:
@@ -208,8 +244,8 @@ class StopStringFilter:
         earliest = math.inf
         for stop in self.stops:
             position = self.pending.find(stop)
-            if position != -1:
-                earliest = min(earliest, position)
+            if position != -1 and position < earliest:
+                earliest, self.matched = position, stop
         if earliest != math.inf:
             emitted = self.pending[: int(earliest)]
             self.pending = ""

@@ -75,6 +75,8 @@ class Instance:
         self.last_used_wall: float | None = None
         self.dispose_requested = False
         self.wake = trio.Event()
+        self.keep_alive: float | None = None
+        """Seconds to live once idle, set by the last request that asked (Ollama's ``keep_alive``); else the model's ``ttl``."""
 
     @property
     def ready(self) -> bool:
@@ -467,13 +469,13 @@ class ModelPool:
         while not instance.dispose_requested:
             deadline = math.inf
             if instance.idle and self._count(model) > model.min_instances:
-                deadline = instance.last_used + model.ttl
+                deadline = instance.last_used + (model.ttl if instance.keep_alive is None else instance.keep_alive)
             instance.wake = trio.Event()
             with trio.move_on_at(deadline):
                 await instance.wake.wait()
                 continue
             if instance.idle and self._count(model) > model.min_instances:
-                log.info("%s idle for %ss, disposing", instance.id, model.ttl)
+                log.info("%s idle for %ss, disposing", instance.id, model.ttl if instance.keep_alive is None else instance.keep_alive)
                 return
 
     def _forget(self, instance: Instance) -> None:

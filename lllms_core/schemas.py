@@ -186,6 +186,9 @@ class CompletionParameters(Request, kw_only=True, omit_defaults=True):
     user: str | None = None
     plugin_parameters: dict[str, Any] = {}
     """Values for plugin samplers' parameters, filled by the API from the request body."""
+    keep_alive: float | None = None
+    """Non-spec: seconds the model's instance stays loaded once idle after this request
+    (instead of the model's ``ttl``); negative: until the server stops."""
 
     @property
     def stop_list(self) -> list[str]:
@@ -202,6 +205,12 @@ class CompletionParameters(Request, kw_only=True, omit_defaults=True):
         return self.n or 1
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+
+REASONING_BUDGETS: dict[str, int | None] = {"none": 0, "minimal": 0, "low": 1024, "medium": 4096, "high": None}
+"""The thinking budget, in tokens, of each ``reasoning_effort`` (None: unbounded)."""
+
+
 class ChatCompletionRequest(CompletionParameters, kw_only=True, omit_defaults=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
@@ -211,10 +220,20 @@ class ChatCompletionRequest(CompletionParameters, kw_only=True, omit_defaults=Tr
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    reasoning_budget: Annotated[int, Meta(ge=0)] | None = None
+    """Non-spec: the most tokens a reasoning model may think for (wins over ``reasoning_effort``)."""
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def thinking_budget(self) -> int | None:
+        """Tokens the model may spend thinking before it must answer; None: unbounded."""
+        if self.reasoning_budget is not None:
+            return self.reasoning_budget
+        return REASONING_BUDGETS[self.reasoning_effort] if self.reasoning_effort is not None else None
 
 
 Prompt = Union[str, list[Union[str, int, list[int]]]]
@@ -260,10 +279,47 @@ class EmbeddingRequest(Request, kw_only=True, omit_defaults=True):
     dimensions: PositiveInt | None = None
     pooling: Literal["mean", "cls", "last"] | None = None
     user: str | None = None
+    keep_alive: float | None = None
+    """Non-spec: as in completions."""
 
     @property
     def inputs(self) -> list[str | list[int]]:
         return _split_inputs(self.input, "input")
+
+
+class RerankDocument(Struct, kw_only=True):
+    text: str
+
+
+class RerankRequest(Request, kw_only=True, omit_defaults=True):
+    model: str
+    query: str
+    documents: Annotated[list[Union[str, RerankDocument]], Meta(min_length=1)]
+    top_n: PositiveInt | None = None
+    return_documents: bool = True
+
+    @property
+    def texts(self) -> list[str]:
+        return [document if isinstance(document, str) else document.text for document in self.documents]
+
+
+class TokenizeRequest(Request, kw_only=True, omit_defaults=True):
+    """Either ``content`` (a text) or ``messages`` (a chat, rendered with the model's
+    template, ``tools`` included, as a chat completion's prompt would be)."""
+
+    model: str
+    content: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    add_special: bool = True
+    """Add the tokens the model's tokenizer adds to a text (BOS...)."""
+    with_pieces: bool = False
+    """Return each token's text beside its id."""
+
+
+class DetokenizeRequest(Request, kw_only=True, omit_defaults=True):
+    model: str
+    tokens: list[Annotated[int, Meta(ge=0)]]
 
 
 class TranscriptionRequest(Request, kw_only=True, omit_defaults=True):
@@ -309,10 +365,14 @@ class ToolCallDelta(Struct, kw_only=True, omit_defaults=True):
 
 
 class CompletionChunk(Struct, kw_only=True, omit_defaults=True):
-    """What an engine emits while generating: text, tool-call pieces or both."""
+    """What an engine emits while generating: text, tool-call pieces or both.
+
+    ``reasoning``: thinking text, separated from ``text`` by the core (see
+    :mod:`lllms_core.reasoning`); engines emit everything as ``text``."""
 
     index: int = 0
     text: str = ""
+    reasoning: str = ""
     tool_calls: list[ToolCallDelta] | None = None
     logprobs: list[TokenLogprob] | None = None
 
@@ -343,6 +403,8 @@ class CompletionResult(Struct, kw_only=True):
     finish_reasons: list[FinishReason]
     """One per choice, by choice index."""
     usage: Usage
+    stop_sequences: list[str | None] = []
+    """Optional, by choice index: the stop string that ended the choice, where an engine knows it."""
 
 
 class Choice(Struct, kw_only=True):
@@ -350,9 +412,12 @@ class Choice(Struct, kw_only=True):
 
     index: int
     text: str = ""
+    reasoning: str = ""
     tool_calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason = "stop"
+    stop_sequence: str | None = None
+    """The stop string that ended the choice, when its engine reports it."""
 
 
 class Completion(Struct, kw_only=True):
@@ -369,6 +434,22 @@ class Completion(Struct, kw_only=True):
 class EmbeddingResult(Struct, kw_only=True):
     embeddings: list[list[float]]
     prompt_tokens: int
+
+
+class RerankResult(Struct, kw_only=True):
+    scores: list[float]
+    """One relevance score per document, in document order (higher is more relevant)."""
+    prompt_tokens: int
+
+
+class TokenizeResult(Struct, kw_only=True):
+    tokens: list[int]
+    pieces: list[str] | None = None
+    """Each token's text, when asked for (``with_pieces``)."""
+
+
+class DetokenizeResult(Struct, kw_only=True):
+    content: str
 
 
 class TranscriptionSegment(Struct, kw_only=True):

@@ -14,7 +14,7 @@ import trio
 
 from lllms_core.config import Config, load_config
 from lllms_core.context import ContextKey, chat_key, text_key
-from lllms_core.engine import ChunkSink, Engine
+from lllms_core.engine import ChunkSink, Engine, TaskContext
 from lllms_core.errors import (
     EngineError,
     InvalidRequestError,
@@ -24,6 +24,7 @@ from lllms_core.errors import (
 )
 from lllms_core.plugins import PluginManager, get_plugin_manager
 from lllms_core.pool import ModelPool, open_model_pool
+from lllms_core.reasoning import ReasoningSeparator, think_syntax
 from lllms_core.samplers import check_request
 from lllms_core.schemas import (
     AssistantMessage,
@@ -32,19 +33,25 @@ from lllms_core.schemas import (
     Completion,
     CompletionChunk,
     CompletionResult,
+    DetokenizeRequest,
+    DetokenizeResult,
     EmbeddingRequest,
     EmbeddingResult,
     FunctionCall,
     ImageToTextRequest,
     ImageToTextResult,
+    RerankRequest,
+    RerankResult,
     TextCompletionRequest,
+    TokenizeRequest,
+    TokenizeResult,
     ToolCall,
     TranscriptionRequest,
     TranscriptionResult,
     Usage,
 )
 from lllms_core.store import ModelStore
-from lllms_core.tasks import tasks_served
+from lllms_core.tasks import ANY_MODEL_TASKS, tasks_served
 
 log = logging.getLogger("lllms.server")
 
@@ -83,6 +90,7 @@ class CompletionStream:
             self.first_token_at = time.perf_counter()
         choice = self.choices[chunk.index]
         choice.text += chunk.text
+        choice.reasoning += chunk.reasoning
         if chunk.logprobs:
             choice.logprobs = (choice.logprobs or []) + chunk.logprobs
         for delta in chunk.tool_calls or ():
@@ -97,6 +105,8 @@ class CompletionStream:
     def _finish(self, result: CompletionResult) -> None:
         for choice, reason in zip(self.choices, result.finish_reasons):
             choice.finish_reason = reason
+        for choice, stop in zip(self.choices, result.stop_sequences):
+            choice.stop_sequence = stop
         self.usage = result.usage
         self._send.close()
 
@@ -205,6 +215,12 @@ class ModelServer:
             unset = {k: v for k, v in model.completion_defaults.items() if getattr(request, k, 0) is None}
             request = msgspec.structs.replace(request, **unset)
         engine = self.engines[model.engine]
+        if task_name in ANY_MODEL_TASKS and not engine.implements(task.method):
+            raise engine.unsupported("model", task_name.replace("-", " "))
+        if task_name == "rerank" and model.task == "rerank" and not engine.implements("rerank"):
+            raise engine.unsupported("model", "reranking")
+        if isinstance(request, TokenizeRequest) and (request.content is None) == (request.messages is None):
+            raise InvalidRequestError("give either `content` or `messages`", param="content")
         check_request(engine, task, self.plugins.samplers, request, model.id)
         return model, engine, task, request
 
@@ -232,9 +248,14 @@ class ModelServer:
                 with self._deadline():
                     async with lease as slot:
                         slot.context_key = ()  # unknown until the task ends well
-                        result = await getattr(engine, task.method)(
-                            slot.task_context(), request, ChunkSink(stream._push)
-                        )
+                        keep_alive(slot, request)
+                        push = stream._push
+                        separator = self._reasoning_separator(slot, request)
+                        if separator is not None:
+                            push = lambda chunk: stream._push(separator.split(chunk))  # noqa: E731
+                        result = await getattr(engine, task.method)(slot.task_context(), request, ChunkSink(push))
+                        for chunk in separator.flush() if separator is not None else ():
+                            stream._push(chunk)
                         slot.fresh = False
                         slot.context_key = self._key_after(request, stream)
                 stream._finish(result)
@@ -247,6 +268,14 @@ class ModelServer:
                 stream._fail(EngineError(f"engine {engine.name!r} failed: {type(error).__name__}"))
             finally:
                 lease.withdraw()
+
+    @staticmethod
+    def _reasoning_separator(slot, request: Any) -> ReasoningSeparator | None:
+        """For a chat with a model whose template thinks: what moves the thinking into ``reasoning``."""
+        if not isinstance(request, ChatCompletionRequest):
+            return None
+        syntax = think_syntax(slot.instance.engine_instance.chat_template)
+        return ReasoningSeparator(syntax, request.choices) if syntax is not None else None
 
     @staticmethod
     def _key_after(request: Any, stream: CompletionStream) -> ContextKey:
@@ -282,13 +311,17 @@ class ModelServer:
                 pass
         return stream.completion()
 
-    async def _run(self, task_name: str, request: Any):
+    async def _run(self, task_name: str, request: Any, method: str | None = None):
+        """Run a task that does not stream in a slot of its model; ``method``: another engine
+        method than the task's (the core's own way of doing the task)."""
         model, engine, task, request = self._resolve(task_name, request)
         assert self.pool is not None
+        run = getattr(self, method) if method else getattr(engine, task.method)
         try:
             with self._deadline():
                 async with self.pool.acquire(model.id) as slot:
-                    return await getattr(engine, task.method)(slot.task_context(), request)
+                    keep_alive(slot, request)
+                    return await run(slot.task_context(), request)
         except trio.TooSlowError:
             raise RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s") from None
         except LllmsError:
@@ -305,3 +338,37 @@ class ModelServer:
 
     async def image_to_text(self, request: ImageToTextRequest | dict) -> ImageToTextResult:
         return await self._run("image-to-text", request)
+
+    async def rerank(self, request: RerankRequest | dict) -> RerankResult:
+        """Relevance scores of documents for a query: a ``rerank`` model's own (a cross-encoder),
+        or, for an ``embedding`` model, the cosine similarity of their embeddings."""
+        model = self.config.models.get(request["model"] if isinstance(request, dict) else request.model)
+        if model is not None and model.task == "embedding":
+            return await self._run("rerank", request, method="_cosine_rerank")
+        return await self._run("rerank", request)
+
+    async def _cosine_rerank(self, context: TaskContext, request: RerankRequest) -> RerankResult:
+        engine = self.engines[context.model.engine]
+        embedded = await engine.embedding(context, EmbeddingRequest(model=request.model, input=[request.query, *request.texts]))
+        query, *documents = embedded.embeddings
+        return RerankResult(scores=[cosine(query, document) for document in documents], prompt_tokens=embedded.prompt_tokens)
+
+    async def tokenize(self, request: TokenizeRequest | dict) -> TokenizeResult:
+        """Token ids of a text, or of a chat as the model's template renders it."""
+        return await self._run("tokenize", request)
+
+    async def detokenize(self, request: DetokenizeRequest | dict) -> DetokenizeResult:
+        return await self._run("detokenize", request)
+
+
+def keep_alive(slot, request: Any) -> None:
+    """Apply a request's ``keep_alive`` to the instance that serves it."""
+    seconds = getattr(request, "keep_alive", None)
+    if seconds is not None:
+        slot.instance.keep_alive = math.inf if seconds < 0 else seconds
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norms if norms else 0.0

@@ -9,9 +9,12 @@ import msgspec
 from lllms_core.hookspecs import hookimpl
 from lllms_core.schemas import (
     ChatCompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
     ImageToTextRequest,
+    RerankRequest,
     TextCompletionRequest,
+    TokenizeRequest,
     TranscriptionRequest,
 )
 
@@ -52,6 +55,7 @@ CHAT_FEATURES = COMPLETION_FEATURES + (
     Feature("json_object", "response_format", _response_format("json_object")),
     Feature("json_schema", "response_format", _response_format("json_schema")),
     Feature("tools", "tools", lambda r: bool(r.tools) and r.tool_choice != "none"),
+    Feature("reasoning_budget", "reasoning_effort", lambda r: r.thinking_budget is not None),
 )
 TEXT_FEATURES = COMPLETION_FEATURES + (
     Feature("logprobs", "logprobs", lambda r: r.logprobs is not None),
@@ -71,15 +75,24 @@ BUILTIN_TASKS = (
     Task("embedding", EmbeddingRequest, "embedding", EMBEDDING_FEATURES),
     Task("speech-to-text", TranscriptionRequest, "speech_to_text"),
     Task("image-to-text", ImageToTextRequest, "image_to_text"),
+    Task("rerank", RerankRequest, "rerank"),
+    Task("tokenize", TokenizeRequest, "tokenize"),
+    Task("detokenize", DetokenizeRequest, "detokenize"),
 )
 
-# A chat model also answers text completions (raw prompts, no template).
-SERVED_TASKS = {"chat-completion": ("chat-completion", "text-completion")}
+# A chat model also answers text completions (raw prompts, no template); an embedding
+# model also reranks (the core scores documents by cosine similarity).
+SERVED_TASKS = {
+    "chat-completion": ("chat-completion", "text-completion"),
+    "embedding": ("embedding", "rerank"),
+}
+ANY_MODEL_TASKS = ("tokenize", "detokenize")
+"""Tasks every model answers whose engine implements them."""
 
 
 def tasks_served(model_task: str) -> tuple[str, ...]:
     """The task names a model configured for ``model_task`` answers."""
-    return SERVED_TASKS.get(model_task, (model_task,))
+    return SERVED_TASKS.get(model_task, (model_task,)) + ANY_MODEL_TASKS
 
 
 @hookimpl

@@ -15,12 +15,16 @@ import msgspec
 import trio
 
 from lllms_core.engine import Engine, EngineInstance, StopStringFilter, normalize_embedding
-from lllms_core.errors import ModelLoadError
+from lllms_core.errors import InvalidRequestError, ModelLoadError
 from lllms_core.hookspecs import hookimpl
+from lllms_core.reasoning import ThinkingBudget, think_syntax
 from lllms_core.schemas import (
     CompletionChunk,
     CompletionResult,
+    DetokenizeResult,
     EmbeddingResult,
+    RerankResult,
+    TokenizeResult,
     TokenLogprob,
     TopLogprob,
     ToolCallDelta,
@@ -31,6 +35,7 @@ from lllms_core.schemas import (
 )
 
 EVENTS: list[tuple] = []
+VOCABULARY: dict[str, int] = {}
 
 
 class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -40,14 +45,18 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     fail_loads: int = 0
     """Fail this many loads of the model before loading succeeds."""
     reply: str | None = None
+    chat_template: str | None = None
+    """A chat template, read by the core only for whether the model thinks (``<think>``)."""
 
 
 class FakeEngine(Engine):
     name = "fake"
-    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text"})
+    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text", "rerank"})
     default_task = "chat-completion"
     options = FakeOptions
-    capabilities = frozenset({"temperature", "top_p", "seed", "n", "logprobs", "tools", "echo", "pooling"})
+    capabilities = frozenset(
+        {"temperature", "top_p", "seed", "n", "logprobs", "tools", "echo", "pooling", "reasoning_budget"}
+    )
     needs_model_file = False
 
     def gpu_available(self):
@@ -62,6 +71,7 @@ class FakeEngine(Engine):
         instance = EngineInstance(slots=options.slots, limiter=trio.CapacityLimiter(options.slots))
         instance.model_id = model.id
         instance.gpu = device.gpu
+        instance.chat_template = options.chat_template
         EVENTS.append(("load", model.id, "gpu" if device.gpu else "cpu"))
         return instance
 
@@ -86,13 +96,28 @@ class FakeEngine(Engine):
         limit = request.token_limit
         generated: list[str] = []
         reason = "stop"
-        for position, word in enumerate(answer.split()):
-            if limit is not None and position >= limit:
+        words = answer.split()
+        syntax = think_syntax(options.chat_template)
+        budget = getattr(request, "thinking_budget", None)
+        thinking = ThinkingBudget(syntax, budget) if syntax is not None and budget is not None else None
+        position = 0
+        while position < len(words):
+            word = words[position]
+            if limit is not None and len(generated) >= limit:
                 reason = "length"
                 break
+            if thinking is not None and thinking.exhausted:
+                # out of budget: close the block, and go on with the answer after the thinking
+                word = thinking.closing.strip()
+                thinking.closed()
+                if "</think>" in words[position:]:
+                    position = words.index("</think>", position)
             if options.token_delay:
                 time.sleep(options.token_delay)
-            token = word if position == 0 else " " + word
+            token = word if not generated else " " + word
+            if thinking is not None:
+                thinking.advance(token)
+            position += 1
             text, stopped = stop.push(token)
             logprobs = None
             if getattr(request, "logprobs", None):
@@ -109,6 +134,7 @@ class FakeEngine(Engine):
             rest = stop.flush()
             if rest:
                 sink.send_from_thread(CompletionChunk(index=index, text=rest))
+        self.stops_matched[index] = stop.matched
         if index == 0:
             context.instance.slot_states[context.slot] = words_in + generated
         return reason, Usage(prompt_tokens=len(words_in), completion_tokens=len(generated), cached_tokens=cached)
@@ -140,6 +166,7 @@ class FakeEngine(Engine):
 
     async def _complete(self, context, words_in, answer, request, sink):
         reasons, usage = [], Usage()
+        self.stops_matched = {}
         for index in range(request.choices):
             reason, choice_usage = await trio.to_thread.run_sync(
                 self._generate, context, words_in, answer, request, sink, index, limiter=context.instance.limiter
@@ -150,7 +177,8 @@ class FakeEngine(Engine):
                 completion_tokens=usage.completion_tokens + choice_usage.completion_tokens,
                 cached_tokens=choice_usage.cached_tokens,
             ) if index else choice_usage
-        return CompletionResult(finish_reasons=reasons, usage=usage)
+        stops = [self.stops_matched.get(index) for index in range(request.choices)]
+        return CompletionResult(finish_reasons=reasons, usage=usage, stop_sequences=stops)
 
     async def embedding(self, context, request):
         vectors = []
@@ -161,6 +189,26 @@ class FakeEngine(Engine):
             digest = hashlib.sha256(text.lower().encode()).digest()
             vectors.append(normalize_embedding([b - 127.5 for b in digest[:16]], request.dimensions))
         return EmbeddingResult(embeddings=vectors, prompt_tokens=tokens)
+
+    async def rerank(self, context, request):
+        """Scores: the share of the query's words a document has (deterministic, not a model)."""
+        query = set(request.query.lower().split())
+        scores = [len(query & set(text.lower().split())) / max(1, len(query)) for text in request.texts]
+        return RerankResult(scores=scores, prompt_tokens=sum(len(text.split()) for text in [request.query, *request.texts]))
+
+    async def tokenize(self, context, request):
+        """One token per word: its index in a vocabulary that grows as words are seen."""
+        text = request.content if request.content is not None else " ".join(message_text(m) for m in request.messages)
+        words = text.split()
+        tokens = [VOCABULARY.setdefault(word, len(VOCABULARY)) for word in words]
+        return TokenizeResult(tokens=tokens, pieces=words if request.with_pieces else None)
+
+    async def detokenize(self, context, request):
+        words = {token: word for word, token in VOCABULARY.items()}
+        unknown = [token for token in request.tokens if token not in words]
+        if unknown:
+            raise InvalidRequestError(f"unknown token id {unknown[0]}", param="tokens")
+        return DetokenizeResult(content=" ".join(words[token] for token in request.tokens))
 
     async def speech_to_text(self, context, request):
         text = f"fake transcription of {len(request.audio)} bytes"
