@@ -37,6 +37,7 @@ from lllms_core.api.common import (
     json_response,
     state,
 )
+from lllms_core.api import anthropic, ollama, responses, utility
 from lllms_core.api.openai import PREFIXES, api
 from lllms_core.api.openapi import openapi_document
 from lllms_core.config import Config
@@ -170,6 +171,8 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
     app.extensions["lllms"] = AppState(server, Metrics(server))
     for prefix in PREFIXES:
         app.register_blueprint(api, url_prefix=prefix, name="openai" + prefix.replace("/", "_"))
+    for blueprint in (anthropic.api, responses.api, ollama.api, utility.api):
+        app.register_blueprint(blueprint)
 
     @app.before_serving
     async def start_model_server() -> None:
@@ -250,10 +253,13 @@ async def run_model_server(server: ModelServer, task_status=trio.TASK_STATUS_IGN
 
 
 def check_api_key(keys: list[bytes]) -> None:
+    """A key as ``Authorization: Bearer <key>``, or as ``x-api-key`` (Anthropic's clients)."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError("Missing API key: send it as `Authorization: Bearer <key>`")
+        token = request.headers.get("x-api-key", "")
+        if not token:
+            raise AuthenticationError("Missing API key: send it as `Authorization: Bearer <key>` or `x-api-key: <key>`")
     given = token.strip().encode()
     # compare with every key, so the time taken does not tell which one nearly matched
     matched = [hmac.compare_digest(given, key) for key in keys]
@@ -281,7 +287,9 @@ def preflight_response(origins: set[str]) -> Response:
     if origin_allowed(origin, origins):
         requested = request.headers.get("Access-Control-Request-Headers")
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = requested or "Authorization, Content-Type, X-Request-Id"
+        response.headers["Access-Control-Allow-Headers"] = (
+            requested or "Authorization, Content-Type, X-Request-Id, X-Api-Key, Anthropic-Version"
+        )
         response.headers["Access-Control-Max-Age"] = "600"
     return response
 

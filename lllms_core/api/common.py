@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import msgspec
 from quart import Response, current_app, request
@@ -56,14 +56,37 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
+ERROR_SHAPES: list[tuple[str, Callable[[LllmsError], Any]]] = []
+"""(path prefix, the body of an error): the routes of APIs whose errors are not OpenAI's shape."""
+
+
+def error_shape(*prefixes: str):
+    """Register a function that writes an error's body for the routes under ``prefixes``."""
+
+    def register(shape: Callable[[LllmsError], Any]) -> Callable[[LllmsError], Any]:
+        ERROR_SHAPES.extend((prefix, shape) for prefix in prefixes)
+        return shape
+
+    return register
+
+
+def error_body(error: LllmsError, path: str) -> Any:
+    """An error's body in the shape of the API ``path`` belongs to (OpenAI's unless registered)."""
+    for prefix, shape in ERROR_SHAPES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return shape(error)
+    return error.to_dict()
+
+
 def error_response(error: LllmsError) -> Response:
-    """An error in OpenAI's shape, with its status (and ``Retry-After`` when the queue is full)."""
+    """An error in the shape of the request's API (OpenAI's by default), with its status (and
+    ``Retry-After`` when the queue is full)."""
     headers = {}
     if isinstance(error, QueueFullError):
         headers["Retry-After"] = str(error.retry_after)
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return json_response(error.to_dict(), error.status, headers)
+    return json_response(error_body(error, request.path), error.status, headers)
 
 
 def decode_body(body: bytes, kind: type[T]) -> T:

@@ -111,6 +111,8 @@ def chat_completion_body(stream: CompletionStream, chat: ChatCompletionRequest) 
             "content": choice.text if choice.text or not choice.tool_calls else None,
             "refusal": None,
         }
+        if choice.reasoning:
+            message["reasoning_content"] = message["reasoning"] = choice.reasoning
         if choice.tool_calls:
             message["tool_calls"] = msgspec.to_builtins(choice.tool_calls)
         choices.append(
@@ -154,6 +156,9 @@ class ChunkEvents:
     stream per prompt of a completions request).
     """
 
+    media_type = "text/event-stream"
+    keepalive: bytes | None = SSE_KEEPALIVE
+    """Sent while waiting for the first chunk (None: nothing)."""
     kind = ""
     usage_in_every_chunk = False
     """Chat chunks carry ``usage: null`` until the last when usage is asked for (OpenAI's
@@ -172,8 +177,23 @@ class ChunkEvents:
             body["usage"] = usage
         return sse(body)
 
+    def begin(self) -> list[bytes]:
+        """The events sent as soon as the request has its place in the queue."""
+        return []
+
     def chunk(self, stream: CompletionStream, chunk: CompletionChunk) -> list[bytes]:
         raise NotImplementedError
+
+    async def complete(self) -> None:
+        """Called once generation has ended well, before :meth:`finish` (to store what was made)."""
+
+    def error(self, error: LllmsError) -> list[bytes]:
+        """The events that end a stream after an error."""
+        return [sse(error.to_dict())]
+
+    def done(self) -> list[bytes]:
+        """The events that end a complete stream, after :meth:`finish`'s."""
+        return [SSE_DONE]
 
     def finish_choice(self, index: int, finish_reason: str) -> list[bytes]:
         raise NotImplementedError
@@ -211,6 +231,9 @@ class ChatEvents(ChunkEvents):
     def chunk(self, stream: CompletionStream, chunk: CompletionChunk) -> list[bytes]:
         index = self.offsets[id(stream)] + chunk.index
         events = self._open(index)
+        if chunk.reasoning:
+            delta = {"reasoning_content": chunk.reasoning, "reasoning": chunk.reasoning}
+            events.append(self.event([self._choice(index, delta)]))
         if chunk.text or chunk.logprobs:
             logprobs = chat_logprobs(chunk.logprobs, self.request.top_logprobs or 0) if self.request.logprobs else None
             events.append(self.event([self._choice(index, {"content": chunk.text}, logprobs)]))
@@ -296,15 +319,20 @@ async def complete(open_streams: Callable[[], Any]) -> list[CompletionStream]:
     return streams
 
 
-async def stream_events(open_streams: Callable[[], Any], events_of: Callable[[list[CompletionStream]], ChunkEvents]) -> Response:
-    """A ``text/event-stream`` response. Errors found before anything is generated
-    (unknown model, refused parameter, queue full) are raised here, as an HTTP error."""
+async def stream_events(
+    open_streams: Callable[[], Any],
+    events_of: Callable[[list[CompletionStream]], ChunkEvents],
+    media_type: str = ChunkEvents.media_type,
+) -> Response:
+    """A streamed response (``text/event-stream``, or the events' own ``media_type``). Errors
+    found before anything is generated (unknown model, refused parameter, queue full) are
+    raised here, as an HTTP error."""
     send, receive = trio.open_memory_channel(math.inf)
     nursery: trio.Nursery = request.scope["lllms.nursery"]
     await nursery.start(produce_events, open_streams, events_of, send, state(), request.scope["lllms.request_id"])
     return current_app.response_class(
         events_body(receive),
-        mimetype="text/event-stream",
+        mimetype=media_type,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -324,43 +352,49 @@ async def produce_events(
     request_id: str,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Write a completion's events into ``send``: keep-alive comments while waiting for
-    an instance, the chunks, the finish events, ``[DONE]``. An error during generation
-    is sent as an ``{"error": ...}`` event that ends the stream (no ``[DONE]``)."""
+    """Write a completion's events into ``send``: the events' beginning, keep-alives while
+    waiting for an instance, the chunks, the finish events, the end (``[DONE]``). An error
+    during generation is sent as the events' error event, which ends the stream."""
     keepalive = app_state.server.config.http.keepalive_interval
     async with send:
         async with open_streams() as streams:
             task_status.started()
             events = events_of(streams)
             try:
+                for event in events.begin():
+                    await send.send(event)
                 for stream in streams:
-                    async for chunk in with_keepalive(stream, send, keepalive):
+                    async for chunk in with_keepalive(stream, send, keepalive, events.keepalive):
                         for event in events.chunk(stream, chunk):
                             await send.send(event)
+                await events.complete()
             except LllmsError as error:
-                await send.send(sse(error.to_dict()))
+                for event in events.error(error):
+                    await send.send(event)
                 return
             except Exception:
                 log.exception("streaming failed", extra={"request_id": request_id})
                 error = InternalError(f"Internal server error (request id {request_id})")
-                await send.send(sse(error.to_dict()))
+                for event in events.error(error):
+                    await send.send(event)
                 return
             for event in events.finish():
                 await send.send(event)
         account(app_state, streams)
-        await send.send(SSE_DONE)
+        for event in events.done():
+            await send.send(event)
 
 
-async def with_keepalive(stream: CompletionStream, send: trio.MemorySendChannel, interval: float):
-    """The stream's chunks; until the first one arrives, a keep-alive comment goes out
-    every ``interval`` seconds (receiving from the stream is safe to cancel)."""
-    waiting = stream.first_token_at is None
+async def with_keepalive(stream: CompletionStream, send: trio.MemorySendChannel, interval: float, keepalive: bytes | None):
+    """The stream's chunks; until the first one arrives, ``keepalive`` goes out every
+    ``interval`` seconds (receiving from the stream is safe to cancel)."""
+    waiting = stream.first_token_at is None and keepalive is not None
     while True:
         if waiting:
             with trio.move_on_after(interval) as timer:
                 chunk = await anext(stream, None)
             if timer.cancelled_caught:
-                await send.send(SSE_KEEPALIVE)
+                await send.send(keepalive)
                 continue
             waiting = False
         else:

@@ -54,6 +54,10 @@ class ChatCompletionMessage(Struct, kw_only=True):
     content: str | None
     tool_calls: list[ToolCall] | UnsetType = UNSET
     refusal: str | None | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
+    """The model's thinking, apart from its answer (models that reason in `<think>` blocks)."""
+    reasoning: str | UnsetType = UNSET
+    """The same as `reasoning_content`, under the name other servers use."""
 
 
 class ChatCompletionChoice(Struct, kw_only=True):
@@ -90,6 +94,8 @@ class ChoiceDelta(Struct, kw_only=True):
     content: str | None | UnsetType = UNSET
     tool_calls: list[ToolCallChunk] | UnsetType = UNSET
     refusal: str | None | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
 
 
 class ChatCompletionChunkChoice(Struct, kw_only=True):
