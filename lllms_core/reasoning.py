@@ -55,6 +55,8 @@ class ReasoningSplitter:
         self.syntax = syntax
         self.state = "thinking" if syntax.opened_by_prompt else "start"
         self.pending = ""
+        self.thought = False
+        """Whether any thinking text went out yet."""
 
     def push(self, text: str) -> tuple[str, str]:
         """The reasoning and the answer text that ``text`` completes (a marker cut between
@@ -71,13 +73,17 @@ class ReasoningSplitter:
                 else:
                     self.state = "answer"
             elif self.state == "thinking":
+                if not self.thought:  # the whitespace after the opening tag
+                    self.pending = self.pending.lstrip()
                 at = self.pending.find(self.syntax.close)
                 if at == -1:
-                    keep = partial_suffix(self.pending, self.syntax.close)
+                    # hold a partial close tag, and whitespace that may turn out to end the thinking
+                    keep = max(partial_suffix(self.pending, self.syntax.close), len(self.pending) - len(self.pending.rstrip()))
                     reasoning.append(self.pending[: len(self.pending) - keep])
+                    self.thought = self.thought or bool(reasoning[-1])
                     self.pending = self.pending[len(self.pending) - keep :]
                     break
-                reasoning.append(self.pending[:at])
+                reasoning.append(self.pending[:at].rstrip())
                 self.pending, self.state = self.pending[at + len(self.syntax.close) :], "after"
             elif self.state == "after":  # the whitespace between the thinking and the answer
                 self.pending = self.pending.lstrip()
@@ -92,7 +98,7 @@ class ReasoningSplitter:
         """What is held back when generation ends."""
         rest, self.pending = self.pending, ""
         if self.state == "thinking":
-            return rest, ""
+            return rest.rstrip() if self.thought else rest.strip(), ""
         return "", rest.strip() if self.state in ("start", "after") else rest
 
 

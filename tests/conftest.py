@@ -61,3 +61,42 @@ def api_server(server_factory) -> BackgroundServer:
             },
         }
     )
+
+
+THINKING_TEMPLATE = (
+    "{# answers may open a <think> block #}"
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+OPENING_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def apis_server(server_factory) -> BackgroundServer:
+    """Fake models for the other APIs: ``chat``; ``thinker``, whose template lets answers open a
+    ``<think>`` block and whose answer does; ``opener``, whose template opens the block itself;
+    ``ranker`` (a rerank model) and ``embed``."""
+    return server_factory(
+        {
+            "server": {"concurrency": 8},
+            "http": {"keepalive_interval": 0.1},
+            "models": {
+                "chat": {"engine": "fake", "slots": 2},
+                "thinker": {
+                    "engine": "fake",
+                    "chat_template": THINKING_TEMPLATE,
+                    "reply": "<think> the user greets me so I greet back </think> Hello there",
+                },
+                "opener": {
+                    "engine": "fake",
+                    "chat_template": OPENING_TEMPLATE,
+                    "reply": "pondering this for a while </think> Done",
+                },
+                "ranker": {"engine": "fake", "task": "rerank"},
+                "embed": {"engine": "fake", "task": "embedding"},
+            },
+        }
+    )

@@ -145,6 +145,10 @@ class ThinkingDisabled(Struct, tag_field="type", tag="disabled", kw_only=True):
     pass
 
 
+class ThinkingAdaptive(Struct, tag_field="type", tag="adaptive", kw_only=True):
+    """The model decides how long to think: no budget."""
+
+
 class Metadata(Struct, kw_only=True):
     user_id: str | None = None
 
@@ -155,7 +159,7 @@ class CountTokensRequest(Request, kw_only=True, omit_defaults=True):
     system: str | list[TextBlock] | UnsetType = UNSET
     tools: list[ToolParam] | UnsetType = UNSET
     tool_choice: AnthropicToolChoice | UnsetType = UNSET
-    thinking: Union[ThinkingEnabled, ThinkingDisabled] | UnsetType = UNSET
+    thinking: Union[ThinkingEnabled, ThinkingDisabled, ThinkingAdaptive] | UnsetType = UNSET
 
 
 class MessagesRequest(CountTokensRequest, kw_only=True, omit_defaults=True):
