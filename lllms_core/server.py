@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import secrets
 import time
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
@@ -63,6 +64,9 @@ def validation_error(error: msgspec.ValidationError) -> InvalidRequestError:
     if "at `$." in message:
         path = message.rsplit("at `$.", 1)[1].rstrip("`")
         param = path
+    missing = re.search(r"missing required field `([^`]+)`", message)
+    if missing:
+        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
     return InvalidRequestError(message, param=param)
 
 

@@ -383,13 +383,15 @@ class ResponseBuilder:
             "temperature": body.temperature if body.temperature is not None else 1.0,
             "text": {"format": text_format},
             "tool_choice": tool_choice,
-            "tools": [msgspec.to_builtins(tool) for tool in body.tools or ()],
+            "tools": [
+                {"type": tool.type, "name": tool.name, "description": tool.description or None,
+                 "parameters": tool.parameters or None, "strict": tool.strict if tool.strict is not UNSET else None}
+                for tool in body.tools or ()
+            ],  # fmt: skip
             "top_p": body.top_p if body.top_p is not None else 1.0,
             "truncation": "disabled",
-            "usage": usage,
-            "user": body.user,
             "metadata": body.metadata or {},
-        }
+        } | ({"user": body.user} if body.user is not None else {}) | ({"usage": usage} if usage is not None else {})
 
     @property
     def status(self) -> str:
@@ -434,8 +436,8 @@ class ResponseEvents(ChunkEvents):
 
     keepalive = None
 
-    def __init__(self, streams: list[CompletionStream], builder: ResponseBuilder, keep):
-        super().__init__(streams, builder.body)
+    def __init__(self, streams: list[CompletionStream], chat: ChatCompletionRequest, builder: ResponseBuilder, keep):
+        super().__init__(streams, chat)
         self.builder = builder
         self.keep = keep
         self.sequence = 0
@@ -581,7 +583,7 @@ async def create_response() -> Response:
     if body.stream:
 
         def events_of(streams: list[CompletionStream]) -> ResponseEvents:
-            return ResponseEvents(streams, ResponseBuilder(body, streams[0]), keep)
+            return ResponseEvents(streams, chat, ResponseBuilder(body, streams[0]), keep)
 
         return await stream_events(lambda: open_chat_stream(server, chat), events_of)
     [stream] = await complete(lambda: open_chat_stream(server, chat))

@@ -116,6 +116,10 @@ def validate_completion_stream(lines: list[str]) -> list[Any]:
 
 def component_for(path: str, body: Any) -> str | None:
     """The schema of a successful non-streamed response of an OpenAI route."""
+    if path.endswith("/input_items"):
+        return "ResponseItemList"
+    if "/responses" in path:
+        return "Response" if body.get("object") == "response" else None
     if path.endswith("/chat/completions"):
         return "CreateChatCompletionResponse"
     if path.endswith("/completions"):
@@ -158,7 +162,9 @@ def check_event(path: str, data: bytes) -> None:
     if data == b"[DONE]":
         return
     body = json.loads(data)
-    if "error" in body:
+    if path.endswith("/responses"):
+        validate("ResponseStreamEvent", body)
+    elif "error" in body:
         validate("ErrorResponse", body)
     elif path.endswith("/chat/completions"):
         validate("CreateChatCompletionStreamResponse", body)
