@@ -42,6 +42,7 @@ from lllms_core.schemas import (
     TextCompletionRequest,
     Tool,
     ToolCall,
+    ToolChoice,
     ToolMessage,
     UserMessage,
 )
@@ -116,6 +117,10 @@ class Generation(Request, kw_only=True, omit_defaults=True):
 class ChatBody(Generation, kw_only=True, omit_defaults=True):
     messages: list[OllamaMessage] = []
     tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    """Non-spec (Ollama has none): OpenAI's ``tool_choice``, e.g. ``"required"``."""
+    parallel_tool_calls: bool | None = None
+    """Non-spec, as in OpenAI's chat."""
 
 
 class GenerateBody(Generation, kw_only=True, omit_defaults=True):
@@ -335,7 +340,8 @@ async def chat() -> Response:
     if not body.messages:
         return await load_or_unload(body, "message")
     chat_request = ChatCompletionRequest(
-        messages=chat_messages(body.messages), tools=body.tools, response_format=response_format(body.format),
+        messages=chat_messages(body.messages), tools=body.tools, tool_choice=body.tool_choice,
+        parallel_tool_calls=body.parallel_tool_calls, response_format=response_format(body.format),
         **sampling(body), **reasoning(body),
     )  # fmt: skip
     server = state().server

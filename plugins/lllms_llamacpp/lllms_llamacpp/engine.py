@@ -26,12 +26,16 @@ from lllms_core.schemas import (
     ChatCompletionRequest,
     CompletionChunk,
     CompletionResult,
+    DetokenizeRequest,
+    DetokenizeResult,
     EmbeddingRequest,
     EmbeddingResult,
     NamedToolChoice,
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
     TextCompletionRequest,
+    TokenizeRequest,
+    TokenizeResult,
     Usage,
     message_text,
 )
@@ -257,6 +261,7 @@ def load_instance(model_config: "ModelConfig", path: str | os.PathLike, device: 
                             flash_attention=options.flash_attention),
             lora,
         )
+        instance.chat_template = options.chat_template or model.chat_template
         instance.template = ChatTemplate(
             options.chat_template or model.chat_template,
             bos_token=model.piece_text(model.bos) if model.bos >= 0 else "",
@@ -420,6 +425,33 @@ class LlamaCppEngine(Engine):
             embeddings=[normalize_embedding(vector, request.dimensions) for vector in vectors],
             prompt_tokens=sum(len(tokens) for tokens in token_lists),
         )
+
+    async def tokenize(self, context: TaskContext, request: TokenizeRequest) -> TokenizeResult:
+        instance: LlamaCppInstance = context.instance
+        return await trio.to_thread.run_sync(self._tokenize, instance, request, limiter=instance.limiter)
+
+    def _tokenize(self, instance: LlamaCppInstance, request: TokenizeRequest) -> TokenizeResult:
+        model = instance.model
+        if request.messages is not None:
+            if instance.template is None:
+                raise InvalidRequestError(f"model {request.model!r} has no chat template", param="messages")
+            from lllms_llamacpp.chat import prepare_messages, tool_definitions
+
+            tools = tool_definitions(request.tools) if request.tools else None
+            messages, prefill = prepare_messages(request.messages, instance.template, tools)
+            text = instance.template.render(messages, tools=tools if instance.template.knows_tools else None, add_generation_prompt=True)
+            tokens = instance.tokenize_chat(text + (prefill or ""), [message_text(m) for m in request.messages])
+        else:
+            tokens = model.tokenize(request.content, add_special=request.add_special, parse_special=False)
+        pieces = [model.piece_text(token) for token in tokens] if request.with_pieces else None
+        return TokenizeResult(tokens=tokens, pieces=pieces)
+
+    async def detokenize(self, context: TaskContext, request: DetokenizeRequest) -> DetokenizeResult:
+        instance: LlamaCppInstance = context.instance
+        model = instance.model
+        model.check_tokens(request.tokens, "tokens")
+        content = await trio.to_thread.run_sync(model.detokenize, request.tokens, limiter=instance.limiter)
+        return DetokenizeResult(content=content)
 
     # --- helpers ----------------------------------------------------------------
 
@@ -630,7 +662,8 @@ class LlamaCppEngine(Engine):
                     reason = "tool_calls"
             finish_reasons.append(reason)
         await trio.lowlevel.checkpoint()
-        return CompletionResult(finish_reasons=finish_reasons, usage=usage)
+        stops = [job.stream.filter.matched for job in jobs]
+        return CompletionResult(finish_reasons=finish_reasons, usage=usage, stop_sequences=stops)
 
     async def _run(self, instance: LlamaCppInstance, jobs: list["Job"], on_chunk) -> dict[int, tuple]:
         """Hand jobs to the scheduler and pass their events on until all are done. A

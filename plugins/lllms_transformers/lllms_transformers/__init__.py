@@ -19,8 +19,9 @@ import msgspec
 import trio
 
 from lllms_core.engine import Device, Engine, EngineInstance
-from lllms_core.errors import ModelLoadError
+from lllms_core.errors import InvalidRequestError, ModelLoadError
 from lllms_core.hookspecs import hookimpl
+from lllms_core.schemas import DetokenizeResult, TokenizeResult
 
 
 class TransformersOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -49,7 +50,7 @@ class TransformersInstance(EngineInstance):
 
 class TransformersEngine(Engine):
     name = "transformers"
-    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text"})
+    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text", "rerank"})
     default_task = "chat-completion"
     options = TransformersOptions
     capabilities = frozenset(
@@ -108,9 +109,47 @@ class TransformersEngine(Engine):
         loaded = context.instance.loaded
         return await trio.to_thread.run_sync(loaded.embed, request, limiter=context.instance.limiter)
 
+    async def rerank(self, context, request):
+        loaded = context.instance.loaded
+        return await trio.to_thread.run_sync(loaded.rerank, request, limiter=context.instance.limiter)
+
+    async def tokenize(self, context, request):
+        return await trio.to_thread.run_sync(_tokenize, context.instance.loaded, request, limiter=context.instance.limiter)
+
+    async def detokenize(self, context, request):
+        tokenizer = _tokenizer(context.instance.loaded)
+        content = await trio.to_thread.run_sync(tokenizer.decode, request.tokens, limiter=context.instance.limiter)
+        return DetokenizeResult(content=content)
+
     async def speech_to_text(self, context, request):
         loaded = context.instance.loaded
         return await trio.to_thread.run_sync(loaded.transcribe, request, limiter=context.instance.limiter)
+
+
+def _tokenizer(loaded):
+    tokenizer = getattr(loaded, "tokenizer", None)
+    if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+        raise InvalidRequestError("this model has no text tokenizer", param="model")
+    return tokenizer
+
+
+def _tokenize(loaded, request) -> TokenizeResult:
+    tokenizer = _tokenizer(loaded)
+    if request.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model has no chat template", param="messages")
+        from lllms_core.schemas import message_text
+
+        turns = [{"role": type(m).__struct_config__.tag, "content": message_text(m)} for m in request.messages]
+        tools = [msgspec.to_builtins(tool) for tool in request.tools] if request.tools else None
+        tokens = tokenizer.apply_chat_template(turns, tools=tools, add_generation_prompt=True, tokenize=True)
+        if hasattr(tokens, "keys"):  # a BatchEncoding in newer transformers
+            tokens = tokens["input_ids"]
+    else:
+        tokens = tokenizer.encode(request.content, add_special_tokens=request.add_special)
+    tokens = [int(token) for token in tokens]
+    pieces = [tokenizer.decode([token]) for token in tokens] if request.with_pieces else None
+    return TokenizeResult(tokens=tokens, pieces=pieces)
 
 
 @hookimpl

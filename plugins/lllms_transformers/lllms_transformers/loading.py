@@ -163,6 +163,10 @@ def load(model, prepared: Path, device: Device):
             from lllms_transformers.embedding import Embedder
 
             return Embedder.load(model, prepared, target, dtype)
+        if model.task == "rerank":
+            from lllms_transformers.rerank import Reranker
+
+            return Reranker.load(model, prepared, target, dtype)
         from lllms_transformers.speech import Transcriber
 
         return Transcriber.load(model, prepared, target, dtype)
