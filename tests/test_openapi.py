@@ -3,6 +3,7 @@ use, and that agrees with what lllms accepts and sends."""
 
 from __future__ import annotations
 
+import re
 import httpx
 import msgspec
 import pytest
@@ -234,3 +235,18 @@ def test_responses_of_a_running_server_match_the_document(http):
     documented(http.get("/metrics"))
     [served] = documented(http.get("/openapi.json"))
     assert served == msgspec.json.decode(msgspec.json.encode(openapi_document()))
+
+
+def test_every_route_of_the_app_is_in_the_document():
+    from lllms_core.app import create_app
+
+    app = create_app({"models": {}})
+    paths = openapi_document()["paths"]
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule).replace("{model_id}", "{model}")
+        path = path.removeprefix("/openai")
+        assert path in paths, f"{rule.rule} is not in /openapi.json"
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            assert method.lower() in paths[path], f"{method} {rule.rule} is not in /openapi.json"

@@ -16,10 +16,13 @@ from msgspec import UNSET, Struct, UnsetType
 
 from lllms_core.schemas import (
     ChatCompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
     FinishReason,
+    RerankRequest,
     TextCompletionRequest,
     TokenLogprob,
+    TokenizeRequest,
     ToolCall,
     TranscriptionRequest,
 )
@@ -343,7 +346,12 @@ def openapi_document() -> dict[str, Any]:
     response_kinds = (ChatCompletion, ChatCompletionChunk, TextCompletion, EmbeddingList, Transcription,
                       ModelList, Model, Error, ServerStatus, Health)
     request_kinds = (ChatCompletionRequest, TextCompletionRequest, EmbeddingRequest, TranscriptionRequest)
-    _, components = msgspec.json.schema_components(request_kinds + response_kinds, ref_template=REF)
+    from lllms_core.api import anthropic, ollama, responses
+
+    other_requests = (anthropic.MessagesRequest, anthropic.CountTokensRequest, responses.CreateResponse,
+                      ollama.ChatBody, ollama.GenerateBody, ollama.EmbedBody, ollama.ModelBody,
+                      RerankRequest, TokenizeRequest, DetokenizeRequest)  # fmt: skip
+    _, components = msgspec.json.schema_components(request_kinds + response_kinds + other_requests, ref_template=REF)
     _without_internal_fields(components)
     transcription_form = _transcription_form(components)
 
@@ -463,6 +471,7 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
+    paths.update(other_api_paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -476,6 +485,9 @@ def openapi_document() -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "tags": [
             {"name": "OpenAI", "description": "Routes compatible with OpenAI's API and clients."},
+            {"name": "Anthropic", "description": "Anthropic's Messages API; errors in Anthropic's shape."},
+            {"name": "Ollama", "description": "Ollama's API; NDJSON streams, errors as `{\"error\": ...}`."},
+            {"name": "Rerank and tokenize", "description": "Reranking (Jina/Cohere shapes) and llama-server's tokenizer routes."},
             {"name": "lllms", "description": "The server's own routes."},
         ],
         "security": [{}, {"bearerAuth": []}],
@@ -487,4 +499,62 @@ def openapi_document() -> dict[str, Any]:
             },
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
         },
+    }
+
+
+def _operation(method: str, operation_id: str, summary: str, tag: str, ok: str, body: type | None = None,
+               media: str = "application/json", parameters: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An operation of the other APIs: its request body is the Struct the route decodes."""
+    operation: dict[str, Any] = {
+        "operationId": operation_id,
+        "summary": summary,
+        "tags": [tag],
+        "responses": {
+            "200": {"description": ok, "content": {media: {"schema": {"type": "object"}}}},
+            "4XX": {"description": "Bad input, an unknown model or route, a missing key: the API's own error shape."},
+            "5XX": {"description": "The engine failed, or the model could not be loaded."},
+        },
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+    if parameters:
+        operation["parameters"] = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in parameters]
+    return {method: operation}
+
+
+def other_api_paths() -> dict[str, Any]:
+    from lllms_core.api import anthropic, ollama, responses
+
+    stream = "application/json (or server-sent events with `stream: true`)"
+    ndjson = "One JSON body with `stream: false`; else NDJSON lines (`application/x-ndjson`)."
+    return {
+        "/v1/messages": _operation("post", "createMessage", "Anthropic Messages", "Anthropic",
+                                   f"A message, {stream} in Anthropic's event order.", anthropic.MessagesRequest),
+        "/v1/messages/count_tokens": _operation("post", "countMessageTokens", "Count a Messages request's input tokens",
+                                                "Anthropic", "`{\"input_tokens\": n}`", anthropic.CountTokensRequest),
+        "/v1/responses": _operation("post", "createResponse", "OpenAI Responses", "OpenAI",
+                                    f"A response, {stream} with the semantic events.", responses.CreateResponse),
+        "/v1/responses/{response_id}": {
+            **_operation("get", "getResponse", "A stored response", "OpenAI", "The response.", parameters=("response_id",)),
+            **_operation("delete", "deleteResponse", "Delete a stored response", "OpenAI", "`{id, object: response.deleted, deleted: true}`",
+                         parameters=("response_id",)),
+        },
+        "/v1/responses/{response_id}/input_items": _operation(
+            "get", "listInputItems", "A stored response's input items (`limit`, `order`, `after`)", "OpenAI",
+            "A list of items.", parameters=("response_id",)),
+        "/api/chat": _operation("post", "ollamaChat", "Ollama chat", "Ollama", ndjson, ollama.ChatBody),
+        "/api/generate": _operation("post", "ollamaGenerate", "Ollama generate (an empty prompt loads or unloads)", "Ollama", ndjson, ollama.GenerateBody),
+        "/api/embed": _operation("post", "ollamaEmbed", "Ollama embeddings", "Ollama", "`{model, embeddings}`", ollama.EmbedBody),
+        "/api/tags": _operation("get", "ollamaTags", "The configured models", "Ollama", "`{models: [...]}`"),
+        "/api/show": _operation("post", "ollamaShow", "One model's details and capabilities", "Ollama", "The model.", ollama.ModelBody),
+        "/api/ps": _operation("get", "ollamaPs", "Loaded instances and when they expire", "Ollama", "`{models: [...]}`"),
+        "/api/version": _operation("get", "ollamaVersion", "lllms' version", "Ollama", "`{version}`"),
+        "/api/pull": _operation("post", "ollamaPull", "Download and verify a configured model", "Ollama",
+                                "Progress lines (`status`, `total`, `completed`), then `{\"status\": \"success\"}`.", ollama.ModelBody),
+        "/v1/rerank": _operation("post", "rerank", "Rerank documents for a query (also at /rerank)", "Rerank and tokenize",
+                                 "`{id, model, results: [{index, relevance_score, document}], usage}`", RerankRequest),
+        "/rerank": _operation("post", "rerankAlias", "The same as /v1/rerank", "Rerank and tokenize", "As /v1/rerank.", RerankRequest),
+        "/tokenize": _operation("post", "tokenize", "Token ids (and pieces) of a text or a chat", "Rerank and tokenize",
+                                "`{model, tokens, count}`", TokenizeRequest),
+        "/detokenize": _operation("post", "detokenize", "The text of token ids", "Rerank and tokenize", "`{model, content}`", DetokenizeRequest),
     }
