@@ -28,6 +28,7 @@ ROWS = {
     ("chat/completions", "`tools`"): "tools",
     ("chat/completions", "`logprobs`"): "logprobs",
     ("chat/completions", "`n`"): "n",
+    ("chat/completions", "`reasoning_effort`"): "reasoning_budget",
     ("/v1/completions", "`prompt`: token ids"): "token_prompt",
     ("/v1/completions", "`suffix`"): "suffix",
     ("/v1/completions", "`echo`"): "echo",
