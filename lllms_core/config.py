@@ -19,7 +19,9 @@ from msgspec import Meta, Struct, field
 from lllms_core.errors import ConfigError
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
-TASK_NAMES = ("chat-completion", "text-completion", "embedding", "speech-to-text", "image-to-text", "rerank")
+TASK_NAMES = (
+    "chat-completion", "text-completion", "embedding", "speech-to-text", "image-to-text", "rerank", "image-generation"
+)
 
 ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN)]
 Seconds = Annotated[float, Meta(ge=0)]
@@ -102,9 +104,29 @@ class HttpConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_de
     keepalive_interval: Annotated[float, Meta(gt=0)] = 15
 
 
+class ImagesConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Limits on the images requests carry (chat image parts, image embeddings, image edits)."""
+
+    max_bytes: Annotated[int, Meta(ge=1)] = 20 * 1024 * 1024
+    """Largest encoded image, fetched or sent."""
+    max_pixels: Annotated[int, Meta(ge=1)] = 50_000_000
+    """Largest image, in width × height."""
+    max_per_request: Annotated[int, Meta(ge=1)] = 16
+    """Most distinct images in one request."""
+    formats: list[Literal["png", "jpeg", "webp", "gif", "bmp"]] = field(
+        default_factory=lambda: ["png", "jpeg", "webp", "gif", "bmp"]
+    )
+    """Accepted image types."""
+    fetch_urls: bool = True
+    """Fetch http(s) image URLs; when false, images must come as data URLs."""
+    fetch_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    """Seconds a fetch of one image may take, from connecting to the last byte."""
+
+
 class Config(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     models: dict[str, ModelConfig] = {}
 
     def model(self, model_id: str) -> ModelConfig:

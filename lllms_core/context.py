@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import msgspec
 
-from lllms_core.schemas import AssistantMessage, ChatMessage, message_text
+from lllms_core.schemas import AssistantMessage, ChatMessage, ImageUrlPart, message_text
 
 ContextKey = tuple[str, ...]
 TEXT_BLOCK = 64
@@ -35,6 +35,13 @@ def _message_bytes(message: ChatMessage) -> bytes:
     parts = [str(role), message_text(message)]
     if isinstance(message, AssistantMessage) and message.tool_calls:
         parts += [f"{call.function.name}({call.function.arguments})" for call in message.tool_calls]
+    if isinstance(message.content, list):
+        # an image by a hash of its URL (a data URL holds the image itself)
+        parts += [
+            "image:" + hashlib.blake2b(part.image_url.url.encode(), digest_size=8).hexdigest()
+            for part in message.content
+            if isinstance(part, ImageUrlPart)
+        ]
     return "\x1f".join(parts).encode()
 
 

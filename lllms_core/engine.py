@@ -16,6 +16,7 @@ import msgspec
 import trio
 
 from lllms_core.errors import UnsupportedParameterError
+from lllms_core.images import Image, RequestImages
 
 if TYPE_CHECKING:
     from lllms_core.config import ModelConfig
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
         DetokenizeResult,
         EmbeddingRequest,
         EmbeddingResult,
+        ImageGenerationRequest,
+        ImageGenerationResult,
         ImageToTextRequest,
         ImageToTextResult,
         RerankRequest,
@@ -81,6 +84,24 @@ class EngineInstance:
         return {}
 
 
+class Progress:
+    """How far a long task has come (the steps of an image generation), shown in the
+    status report while it runs. An engine calls :meth:`update` from any thread."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.total: int | None = None
+        self.unit = "steps"
+
+    def update(self, done: int, total: int | None = None, unit: str = "steps") -> None:
+        self.done, self.total, self.unit = done, total, unit
+
+    def report(self) -> dict[str, Any] | None:
+        if self.total is None and not self.done:
+            return None
+        return {"done": self.done, "total": self.total, "unit": self.unit}
+
+
 class TaskContext(msgspec.Struct, kw_only=True):
     """What an engine gets with each task besides the request."""
 
@@ -91,6 +112,15 @@ class TaskContext(msgspec.Struct, kw_only=True):
     """The model's ModelConfig."""
     fresh: bool = False
     """True when the pool reset this slot: its previous context belongs to another conversation."""
+    images: RequestImages = msgspec.field(default_factory=RequestImages)
+    """The request's images, fetched and decoded by the core (see :meth:`image`)."""
+    progress: Progress = msgspec.field(default_factory=Progress)
+    """Where a long task reports how far it has come (shown in the slot's status)."""
+
+    def image(self, source: str | bytes) -> Image:
+        """The decoded image of a source in the request: an ``image_url`` part's URL, an
+        embedding input's data URL, an edit's image bytes."""
+        return self.images[source]
 
 
 class ChunkSink:
@@ -192,6 +222,12 @@ class Engine:
         raise NotImplementedError
 
     async def image_to_text(self, context: TaskContext, request: "ImageToTextRequest") -> "ImageToTextResult":
+        raise NotImplementedError
+
+    async def image_generation(self, context: TaskContext, request: "ImageGenerationRequest") -> "ImageGenerationResult":
+        """Generate ``request.count`` images; with ``request.image``, edit that image (and,
+        with ``request.mask``, only where the mask is transparent). Report the steps with
+        ``context.progress`` and stop between steps once the request is cancelled."""
         raise NotImplementedError
 
     async def rerank(self, context: TaskContext, request: "RerankRequest") -> "RerankResult":

@@ -28,7 +28,7 @@ import trio
 
 from lllms_core.config import Config, ModelConfig
 from lllms_core.context import ContextKey, common_prefix
-from lllms_core.engine import Device, Engine, EngineInstance, TaskContext
+from lllms_core.engine import Device, Engine, EngineInstance, Progress, TaskContext
 from lllms_core.errors import LllmsError, ModelLoadError, ModelNotFoundError, QueueFullError, ServiceUnavailableError
 
 log = logging.getLogger("lllms.pool")
@@ -48,6 +48,8 @@ class Slot:
         self.fresh = True
         """True until a task ran in this slot since it was created or reset."""
         self.last_used = 0.0
+        self.progress = Progress()
+        """How far the task running in the slot has come, when its engine reports it."""
 
     def reset(self) -> None:
         self.context_key = ()
@@ -55,7 +57,11 @@ class Slot:
 
     def task_context(self) -> TaskContext:
         return TaskContext(
-            instance=self.instance.engine_instance, slot=self.index, model=self.instance.model, fresh=self.fresh
+            instance=self.instance.engine_instance,
+            slot=self.index,
+            model=self.instance.model,
+            fresh=self.fresh,
+            progress=self.progress,
         )
 
 
@@ -107,6 +113,7 @@ class Instance:
                     "busy": slot.busy,
                     "context": slot.context_key[-1] if slot.context_key else None,
                     "context_depth": len(slot.context_key),
+                    "progress": slot.progress.report() if slot.busy else None,
                 }
                 for slot in self.slots
             ],
@@ -327,6 +334,7 @@ class ModelPool:
     def _assign(self, waiter: _Waiter, slot: Slot) -> None:
         self._waiters.remove(waiter)
         slot.busy = True
+        slot.progress = Progress()
         self._processing += 1
         waiter.slot = slot
         waiter.event.set()

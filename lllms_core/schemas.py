@@ -335,8 +335,53 @@ class TranscriptionRequest(Request, kw_only=True, omit_defaults=True):
 class ImageToTextRequest(Request, kw_only=True, omit_defaults=True):
     model: str
     image: bytes
+    """The encoded image (PNG, JPEG, WebP, GIF or BMP)."""
     prompt: str | None = None
     max_tokens: PositiveInt | None = None
+
+
+ImageSize = Annotated[str, Meta(pattern=r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$")]
+"""``<width>x<height>`` in pixels, or ``auto`` (the model's default size)."""
+
+
+class ImageGenerationRequest(Request, kw_only=True, omit_defaults=True):
+    """OpenAI's image generation (and, with ``image``, image edit) request, with the
+    settings a diffusion model needs as extensions (``steps``, ``guidance_scale``,
+    ``negative_prompt``, ``seed``, ``strength``)."""
+
+    model: str
+    prompt: str
+    n: Annotated[int, Meta(ge=1, le=10)] | None = None
+    size: ImageSize | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    seed: int | None = None
+    """Extension: the same seed, prompt and settings give the same images (image ``i`` uses ``seed + i``)."""
+    steps: Annotated[int, Meta(ge=1, le=1000)] | None = None
+    """Extension: denoising steps; default: the model's."""
+    guidance_scale: Annotated[float, Meta(ge=0, le=100)] | None = None
+    """Extension: classifier-free guidance; default: the model's."""
+    negative_prompt: str | None = None
+    """Extension: what the image should not show."""
+    strength: Annotated[float, Meta(gt=0, le=1)] | None = None
+    """Extension, edits: how much of the input image is replaced (1: all of it)."""
+    image: list[bytes] = []
+    """Edits: the input image(s), filled by the API from the upload."""
+    mask: bytes | None = None
+    """Edits: where to paint (transparent pixels), filled by the API from the upload."""
+    user: str | None = None
+
+    @property
+    def count(self) -> int:
+        return self.n or 1
+
+    @property
+    def dimensions(self) -> tuple[int, int] | None:
+        """(width, height) asked for, or None for the model's default."""
+        if self.size is None or self.size == "auto":
+            return None
+        width, _, height = self.size.partition("x")
+        return int(width), int(height)
 
 
 # --- what engines produce ------------------------------------------------------
@@ -468,6 +513,13 @@ class TranscriptionResult(Struct, kw_only=True):
 
 class ImageToTextResult(Struct, kw_only=True):
     text: str
+
+
+class ImageGenerationResult(Struct, kw_only=True):
+    images: list[Any]
+    """Pillow images, one per image asked for (the API encodes them)."""
+    seed: int | None = None
+    """The seed of the first image, when the engine seeds."""
 
 
 json_decoder_cache: dict[type, msgspec.json.Decoder] = {}

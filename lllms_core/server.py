@@ -23,6 +23,7 @@ from lllms_core.errors import (
     ModelNotFoundError,
     RequestTimeoutError,
 )
+from lllms_core.images import RequestImages, load_images
 from lllms_core.plugins import PluginManager, get_plugin_manager
 from lllms_core.pool import ModelPool, open_model_pool
 from lllms_core.reasoning import ReasoningSeparator, think_syntax
@@ -39,6 +40,8 @@ from lllms_core.schemas import (
     EmbeddingRequest,
     EmbeddingResult,
     FunctionCall,
+    ImageGenerationRequest,
+    ImageGenerationResult,
     ImageToTextRequest,
     ImageToTextResult,
     RerankRequest,
@@ -228,6 +231,13 @@ class ModelServer:
         check_request(engine, task, self.plugins.samplers, request, model.id)
         return model, engine, task, request
 
+    async def _images(self, task, request: Any) -> RequestImages:
+        """The request's images, fetched and decoded before it takes a slot (a bad one is a 400)."""
+        if task.images is None:
+            return RequestImages()
+        sources = task.images(request)
+        return await load_images(sources, self.config.images) if sources else RequestImages()
+
     def _deadline(self):
         timeout = self.config.server.request_timeout
         return trio.fail_after(timeout) if timeout else nullcontext()
@@ -236,17 +246,20 @@ class ModelServer:
     async def _stream(self, task_name: str, request: Any, key_of) -> AsyncIterator[CompletionStream]:
         model, engine, task, request = self._resolve(task_name, request)
         assert self.pool is not None
+        images = await self._images(task, request)
         lease = self.pool.acquire(model.id, key_of(request))
         stream = CompletionStream(model.id, request.choices, self.fingerprints[model.id])
         scope = trio.CancelScope()
-        self._generations.start_soon(self._generate, lease, engine, task, request, stream, scope)
+        self._generations.start_soon(self._generate, lease, engine, task, request, images, stream, scope)
         try:
             yield stream
         finally:
             scope.cancel()  # the consumer is gone: stop generating; a busy slot frees itself
             lease.leave_queue()
 
-    async def _generate(self, lease, engine: Engine, task, request, stream: CompletionStream, scope) -> None:
+    async def _generate(
+        self, lease, engine: Engine, task, request, images: RequestImages, stream: CompletionStream, scope
+    ) -> None:
         with scope:
             try:
                 with self._deadline():
@@ -257,7 +270,8 @@ class ModelServer:
                         separator = self._reasoning_separator(slot, request)
                         if separator is not None:
                             push = lambda chunk: stream._push(separator.split(chunk))  # noqa: E731
-                        result = await getattr(engine, task.method)(slot.task_context(), request, ChunkSink(push))
+                        context = msgspec.structs.replace(slot.task_context(), images=images)
+                        result = await getattr(engine, task.method)(context, request, ChunkSink(push))
                         for chunk in separator.flush() if separator is not None else ():
                             stream._push(chunk)
                         slot.fresh = False
@@ -321,11 +335,13 @@ class ModelServer:
         model, engine, task, request = self._resolve(task_name, request)
         assert self.pool is not None
         run = getattr(self, method) if method else getattr(engine, task.method)
+        images = await self._images(task, request)
         try:
             with self._deadline():
                 async with self.pool.acquire(model.id) as slot:
                     keep_alive(slot, request)
-                    return await run(slot.task_context(), request)
+                    context = msgspec.structs.replace(slot.task_context(), images=images)
+                    return await run(context, request)
         except trio.TooSlowError:
             raise RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s") from None
         except LllmsError:
@@ -341,7 +357,12 @@ class ModelServer:
         return await self._run("speech-to-text", request)
 
     async def image_to_text(self, request: ImageToTextRequest | dict) -> ImageToTextResult:
+        """Caption or read an image (``prompt``: what to ask, for models that take one)."""
         return await self._run("image-to-text", request)
+
+    async def image_generation(self, request: ImageGenerationRequest | dict) -> ImageGenerationResult:
+        """Generate images from a prompt, or edit ``request.image`` (Pillow images back)."""
+        return await self._run("image-generation", request)
 
     async def rerank(self, request: RerankRequest | dict) -> RerankResult:
         """Relevance scores of documents for a query: a ``rerank`` model's own (a cross-encoder),

@@ -7,10 +7,12 @@ from typing import Any, Callable
 import msgspec
 
 from lllms_core.hookspecs import hookimpl
+from lllms_core.images import chat_image_sources, is_image_data_url
 from lllms_core.schemas import (
     ChatCompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    ImageGenerationRequest,
     ImageToTextRequest,
     RerankRequest,
     TextCompletionRequest,
@@ -38,6 +40,20 @@ class Task(msgspec.Struct, frozen=True):
     """Name of the Engine method that runs it."""
     features: tuple[Feature, ...] = ()
     streams: bool = False
+    images: Callable[[Any], list[tuple[Any, str]]] | None = None
+    """Where a request's images are: (source, param) pairs the core fetches and decodes
+    before the request takes a slot (see :mod:`lllms_core.images`)."""
+
+
+def _embedding_images(request: EmbeddingRequest) -> list[tuple[Any, str]]:
+    return [(item, f"input[{index}]") for index, item in enumerate(request.inputs) if is_image_data_url(item)]
+
+
+def _edit_images(request: ImageGenerationRequest) -> list[tuple[Any, str]]:
+    found: list[tuple[Any, str]] = [(image, "image") for image in request.image]
+    if request.mask is not None:
+        found.append((request.mask, "mask"))
+    return found
 
 
 def _response_format(kind: str) -> Callable[[Any], bool]:
@@ -56,6 +72,7 @@ CHAT_FEATURES = COMPLETION_FEATURES + (
     Feature("json_schema", "response_format", _response_format("json_schema")),
     Feature("tools", "tools", lambda r: bool(r.tools) and r.tool_choice != "none"),
     Feature("reasoning_budget", "reasoning_effort", lambda r: r.thinking_budget is not None),
+    Feature("vision", "messages", lambda r: bool(chat_image_sources(r))),
 )
 TEXT_FEATURES = COMPLETION_FEATURES + (
     Feature("logprobs", "logprobs", lambda r: r.logprobs is not None),
@@ -67,24 +84,33 @@ TEXT_FEATURES = COMPLETION_FEATURES + (
 EMBEDDING_FEATURES = (
     Feature("token_input", "input", lambda r: any(not isinstance(i, str) for i in r.inputs)),
     Feature("pooling", "pooling", lambda r: r.pooling is not None),
+    Feature("image_embeddings", "input", lambda r: any(is_image_data_url(i) for i in r.inputs)),
+)
+IMAGE_GENERATION_FEATURES = (
+    Feature("image_edit", "image", lambda r: bool(r.image)),
+    Feature("mask", "mask", lambda r: r.mask is not None),
+    Feature("negative_prompt", "negative_prompt", lambda r: bool(r.negative_prompt)),
 )
 
 BUILTIN_TASKS = (
-    Task("chat-completion", ChatCompletionRequest, "chat_completion", CHAT_FEATURES, streams=True),
+    Task("chat-completion", ChatCompletionRequest, "chat_completion", CHAT_FEATURES, streams=True, images=chat_image_sources),
     Task("text-completion", TextCompletionRequest, "text_completion", TEXT_FEATURES, streams=True),
-    Task("embedding", EmbeddingRequest, "embedding", EMBEDDING_FEATURES),
+    Task("embedding", EmbeddingRequest, "embedding", EMBEDDING_FEATURES, images=_embedding_images),
     Task("speech-to-text", TranscriptionRequest, "speech_to_text"),
-    Task("image-to-text", ImageToTextRequest, "image_to_text"),
+    Task("image-to-text", ImageToTextRequest, "image_to_text", images=lambda r: [(r.image, "image")]),
+    Task("image-generation", ImageGenerationRequest, "image_generation", IMAGE_GENERATION_FEATURES, images=_edit_images),
     Task("rerank", RerankRequest, "rerank"),
     Task("tokenize", TokenizeRequest, "tokenize"),
     Task("detokenize", DetokenizeRequest, "detokenize"),
 )
 
 # A chat model also answers text completions (raw prompts, no template); an embedding
-# model also reranks (the core scores documents by cosine similarity).
+# model also reranks (the core scores documents by cosine similarity); a captioning model
+# answers chat (an image part and an optional prompt).
 SERVED_TASKS = {
     "chat-completion": ("chat-completion", "text-completion"),
     "embedding": ("embedding", "rerank"),
+    "image-to-text": ("image-to-text", "chat-completion"),
 }
 ANY_MODEL_TASKS = ("tokenize", "detokenize")
 """Tasks every model answers whose engine implements them."""

@@ -1,6 +1,7 @@
 """A deterministic fake engine, for tests of the pool and the HTTP API (not of engine behaviour).
 
-Chat: answers ``reply`` if configured, else ``"You said: <last user text>"``, one word
+Chat: answers ``reply`` if configured, else ``"You said: <last user text>"`` (and
+``[image <width>x<height> <format>]`` for each image of the last message), one word
 per token. Each slot remembers the words of its context, so cached tokens show
 context reuse. ``EVENTS`` records loads, disposals and tasks for tests to inspect.
 """
@@ -23,6 +24,8 @@ from lllms_core.schemas import (
     CompletionResult,
     DetokenizeResult,
     EmbeddingResult,
+    ImageGenerationResult,
+    ImageUrlPart,
     RerankResult,
     TokenizeResult,
     TokenLogprob,
@@ -51,11 +54,11 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class FakeEngine(Engine):
     name = "fake"
-    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text", "rerank"})
+    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text", "rerank", "image-generation"})
     default_task = "chat-completion"
     options = FakeOptions
     capabilities = frozenset(
-        {"temperature", "top_p", "seed", "n", "logprobs", "tools", "echo", "pooling", "reasoning_budget"}
+        {"temperature", "top_p", "seed", "n", "logprobs", "tools", "echo", "pooling", "reasoning_budget", "vision", "image_edit"}
     )
     needs_model_file = False
 
@@ -152,7 +155,13 @@ class FakeEngine(Engine):
             return CompletionResult(
                 finish_reasons=["tool_calls"], usage=Usage(prompt_tokens=len(words_in), completion_tokens=5)
             )
-        answer = context.model.options.reply or "You said: " + message_text(request.messages[-1])
+        last = request.messages[-1]
+        answer = context.model.options.reply or "You said: " + message_text(last)
+        if isinstance(last.content, list):
+            for part in last.content:
+                if isinstance(part, ImageUrlPart):
+                    image = context.image(part.image_url.url)
+                    answer += f" [image {image.width}x{image.height} {image.format}]"
         return await self._complete(context, words_in, answer, request, sink)
 
     async def text_completion(self, context, request, sink):
@@ -218,6 +227,35 @@ class FakeEngine(Engine):
             duration=1.5,
             segments=[TranscriptionSegment(id=0, start=0.0, end=1.5, text=text)],
         )
+
+    async def image_generation(self, context, request):
+        """Plain images of one colour (from the prompt and seed), ``steps`` steps of
+        ``token_delay`` each; an edit averages that colour with the input image."""
+        import PIL.Image
+
+        options: FakeOptions = context.model.options
+        width, height = request.dimensions or (32, 32)
+        steps = request.steps or 4
+        seed = request.seed if request.seed is not None else 0
+
+        def run():
+            images = []
+            for number in range(request.count):
+                for step in range(steps):
+                    trio.from_thread.check_cancelled()
+                    time.sleep(options.token_delay)
+                    context.progress.update(number * steps + step + 1, request.count * steps)
+                colour = tuple(hashlib.sha256(f"{request.prompt}|{seed + number}".encode()).digest()[:3])
+                image = PIL.Image.new("RGB", (width, height), colour)
+                if request.image:
+                    source = context.image(request.image[0]).pixels.resize((width, height))
+                    image = PIL.Image.blend(image, source, 0.5)
+                images.append(image)
+            return images
+
+        EVENTS.append(("task", context.model.id, context.slot, context.fresh))
+        images = await trio.to_thread.run_sync(run, limiter=context.instance.limiter)
+        return ImageGenerationResult(images=images, seed=seed)
 
 
 @hookimpl
