@@ -58,13 +58,16 @@ class Image:
     """A decoded image: ``pixels`` (a Pillow image in RGB), its size, its format and a
     digest of its encoded bytes (same bytes, same digest)."""
 
-    def __init__(self, pixels: "PIL.Image.Image", format: str, data: bytes):
+    def __init__(self, pixels: "PIL.Image.Image", format: str, data: bytes, alpha: "PIL.Image.Image | None" = None):
         self.pixels = pixels
         self.width, self.height = pixels.size
         self.format = format
         self.data = data
         """The encoded bytes, as received."""
         self.digest = hashlib.sha256(data).hexdigest()
+        self.alpha = alpha
+        """The transparency (mode L, 0 transparent) of an image that has one, else None:
+        an edit's mask marks with it where to paint."""
 
     @property
     def media_type(self) -> str:
@@ -201,8 +204,10 @@ def decode_image(data: bytes, config: "ImagesConfig", param: str | None) -> Imag
                 )  # fmt: skip
             opened.seek(0)
             pixels = PIL.ImageOps.exif_transpose(opened)
+            alpha = None
             if pixels.mode in ("RGBA", "LA", "PA") or (pixels.mode == "P" and "transparency" in pixels.info):
                 rgba = pixels.convert("RGBA")
+                alpha = rgba.getchannel("A")
                 white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 pixels = PIL.Image.alpha_composite(white, rgba)
             pixels = pixels.convert("RGB")
@@ -213,7 +218,7 @@ def decode_image(data: bytes, config: "ImagesConfig", param: str | None) -> Imag
         raise ImageError("the data is not an image (or not one of a known type)", param=param) from None
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt
         raise ImageError(f"the image cannot be decoded: {error}", param=param) from None
-    return Image(pixels, kind, data)
+    return Image(pixels, kind, data, alpha)
 
 
 async def load_image(source: str | bytes, config: "ImagesConfig", param: str | None = None) -> Image:
