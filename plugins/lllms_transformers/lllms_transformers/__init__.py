@@ -4,7 +4,9 @@
   (a GGUF file is converted once to safetensors in the cache);
 - embedding: sentence-transformers style models (pooling and normalisation read
   from ``modules.json`` and ``1_Pooling/config.json``);
-- speech-to-text: Whisper-family models, long audio in chunks of at most 30 s.
+- speech-to-text: Whisper-family models, long audio in chunks of at most 30 s;
+- embedding of texts and images in one space: CLIP-style models (SigLIP...);
+- image-to-text: captioning and OCR (BLIP, Florence-2, TrOCR...), also through chat.
 
 torch and transformers are imported when a model is prepared or loaded, never
 when this module is imported.
@@ -39,6 +41,9 @@ class TransformersOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     """Speech: the most tokens generated per 30 s chunk; default: what the model allows."""
     trust_remote_code: bool = False
     """Let transformers run Python code shipped with the model."""
+    caption_prompt: str | None = None
+    """Image to text: the prompt when a request gives none (Florence-2: a task token such as
+    ``<OCR>``; default ``<MORE_DETAILED_CAPTION>`` for Florence-2, none for others)."""
 
 
 class TransformersInstance(EngineInstance):
@@ -50,7 +55,7 @@ class TransformersInstance(EngineInstance):
 
 class TransformersEngine(Engine):
     name = "transformers"
-    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text", "rerank"})
+    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text", "rerank", "image-to-text"})
     default_task = "chat-completion"
     options = TransformersOptions
     capabilities = frozenset(
@@ -58,7 +63,7 @@ class TransformersEngine(Engine):
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
             "logit_bias", "seed", "grammar",
             "n", "logprobs", "json_object", "json_schema", "tools", "echo", "token_prompt",
-            "token_input", "pooling",
+            "token_input", "pooling", "vision", "image_embeddings",
         }
     )  # fmt: skip
     logits_processors = True
@@ -96,8 +101,10 @@ class TransformersEngine(Engine):
             await generation.preload(context)
 
     async def chat_completion(self, context, request, sink):
-        from lllms_transformers import generation
+        from lllms_transformers import generation, vision
 
+        if isinstance(context.instance.loaded, vision.Captioner):
+            return await vision.caption_chat(self, context, request, sink)
         return await generation.chat_completion(self, context, request, sink)
 
     async def text_completion(self, context, request, sink):
@@ -107,7 +114,11 @@ class TransformersEngine(Engine):
 
     async def embedding(self, context, request):
         loaded = context.instance.loaded
-        return await trio.to_thread.run_sync(loaded.embed, request, limiter=context.instance.limiter)
+        return await trio.to_thread.run_sync(loaded.embed, request, context.images, limiter=context.instance.limiter)
+
+    async def image_to_text(self, context, request):
+        loaded = context.instance.loaded
+        return await trio.to_thread.run_sync(loaded.image_to_text, request, context.images, limiter=context.instance.limiter)
 
     async def rerank(self, context, request):
         loaded = context.instance.loaded

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lllms_core.errors import InvalidRequestError, ModelLoadError
+from lllms_core.errors import InvalidRequestError, ModelLoadError, UnsupportedParameterError
+from lllms_core.images import RequestImages, is_image_data_url
 from lllms_core.schemas import EmbeddingRequest, EmbeddingResult
 
 BATCH = 32
@@ -74,7 +75,9 @@ class Embedder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+    def embed(self, request: EmbeddingRequest, images: RequestImages) -> EmbeddingResult:
+        if any(is_image_data_url(item) for item in request.inputs):
+            raise UnsupportedParameterError("this model embeds texts only; image inputs need a CLIP-style model", param="input")
         if request.dimensions is not None and request.dimensions > self.dimensions:
             raise InvalidRequestError(
                 f"dimensions must be at most {self.dimensions} for this model", param="dimensions"

