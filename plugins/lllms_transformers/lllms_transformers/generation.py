@@ -61,17 +61,21 @@ from lllms_core.schemas import (
     UserMessage,
     message_text,
 )
-from lllms_transformers import structured
+from lllms_transformers import structured, vision
 
 
 class TextGenerator:
-    """A loaded causal language model, its tokenizer and its grammar compiler."""
+    """A loaded causal language model, its tokenizer and its grammar compiler; for a
+    vision-language model also its ``processor``, which turns a prompt and its images into
+    the model's inputs (see :mod:`lllms_transformers.vision`)."""
 
-    def __init__(self, model, tokenizer, device: torch.device, context_size: int):
+    def __init__(self, model, tokenizer, device: torch.device, context_size: int, processor=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor
         self.device = device
         self.context_size = context_size
+        self.vocab_size = model.config.get_text_config().vocab_size
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
@@ -79,7 +83,7 @@ class TextGenerator:
         self.stop_token_ids = eos
         pad = model.generation_config.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
-        self.template = tokenizer.chat_template or ""
+        self.template = (getattr(processor, "chat_template", None) if processor else None) or tokenizer.chat_template or ""
         self.template_has_tools = "tools" in self.template
         self.grammars = structured.GrammarCompiler(self)
         self.sampling_defaults = model_sampling_defaults(model.generation_config)
@@ -134,7 +138,7 @@ def model_sampling_defaults(generation_config) -> dict[str, float]:
 
 
 def _sampling(engine, request, generator: "TextGenerator", top_logprobs: int | None) -> Sampling:
-    vocab_size = generator.model.config.vocab_size
+    vocab_size = generator.vocab_size
     unset = {name: value for name, value in generator.sampling_defaults.items() if getattr(request, name) is None}
     if unset:
         request = msgspec.structs.replace(request, **unset)
@@ -344,8 +348,11 @@ def generate_choice(
     output,
     sink,
     index: int,
+    model_inputs: dict | None = None,
 ) -> tuple[str, int, int]:
-    """Generate one choice in a worker thread; return (finish reason, completion tokens, cached tokens)."""
+    """Generate one choice in a worker thread; return (finish reason, completion tokens, cached tokens).
+    ``model_inputs``: a vision-language model's image inputs (``pixel_values``...); the prompt's
+    image tokens do not tell images apart, so such a prompt reuses no cache and leaves none."""
     model = generator.model
     room = generator.context_size - len(prompt)
     if room <= 0:
@@ -355,7 +362,7 @@ def generate_choice(
     max_new = min(sampling.max_tokens or room, room)
 
     # reuse the slot's cache for the common prefix; at least one prompt token is evaluated
-    reused = min(common_prefix(state.tokens, prompt), len(prompt) - 1)
+    reused = min(common_prefix(state.tokens, prompt), len(prompt) - 1) if not model_inputs else 0
     cache = state.cache
     if cache is None or reused == 0:
         cache, reused = DynamicCache(config=model.config), 0
@@ -404,10 +411,12 @@ def generate_choice(
             generation_config=config,
             logits_processor=processors,
             stopping_criteria=StoppingCriteriaList([handler]),
+            **(model_inputs or {}),
         )
     # generate returned normally (also when cancelled): the cache matches these tokens
     kept = cache.get_seq_length()
-    state.tokens, state.cache = sequences[0].tolist()[:kept], cache
+    if not model_inputs:
+        state.tokens, state.cache = sequences[0].tolist()[:kept], cache
     if handler.cancelled is not None:
         raise handler.cancelled
     handler.flush()
@@ -427,7 +436,9 @@ def _slot_state(context) -> SlotState:
     return state
 
 
-async def _run_choices(context, prompt: list[int], sampling, grammar, make_output, sink, first_index: int, choices: int):
+async def _run_choices(
+    context, prompt: list[int], sampling, grammar, make_output, sink, first_index: int, choices: int, model_inputs=None
+):
     """Run ``choices`` choices of one prompt; return (finish reasons by index, usage)."""
     generator: TextGenerator = context.instance.loaded
     state = _slot_state(context)
@@ -437,7 +448,7 @@ async def _run_choices(context, prompt: list[int], sampling, grammar, make_outpu
     # pool's context identity of the slot follows choice 0
     for index in reversed(range(first_index, first_index + choices)):
         reason, tokens, reused = await trio.to_thread.run_sync(
-            generate_choice, generator, state, prompt, sampling, grammar, make_output(), sink, index,
+            generate_choice, generator, state, prompt, sampling, grammar, make_output(), sink, index, model_inputs,
             limiter=context.instance.limiter,
         )  # fmt: skip
         reasons[index] = reason
@@ -461,7 +472,9 @@ async def preload(context) -> None:
     model = context.model
     if model.initial_messages and generator.template:
         messages = [{"role": message.role, "content": message.content} for message in model.initial_messages]
-        text = generator.tokenizer.apply_chat_template(messages, tokenize=False)
+        if generator.processor is not None:
+            messages = vision.structured(messages)
+        text = generator.tokenizer.apply_chat_template(messages, chat_template=generator.template, tokenize=False)
         tokens = generator.tokenizer(text, add_special_tokens=False)["input_ids"]
     elif model.prefix:
         tokens = generator.tokenizer(model.prefix)["input_ids"]
@@ -473,23 +486,25 @@ async def preload(context) -> None:
 # --- chat -------------------------------------------------------------------------------
 
 
-def _text_only(message, engine) -> str:
+def _text_only(message, engine, generator: TextGenerator) -> str:
     content = message.content
     if isinstance(content, list) and any(not isinstance(part, (TextPart, RefusalPart)) for part in content):
-        raise engine.unsupported("messages", "image or audio message content")
+        if not (generator.processor is not None and isinstance(message, UserMessage)):
+            raise engine.unsupported("messages", "image or audio message content with this model")
     return message_text(message)
 
 
 def template_messages(engine, generator: TextGenerator, request: ChatCompletionRequest, tools_active: bool) -> list[dict]:
     """The request's messages as the chat template expects them. Tool calls and results
-    go in the template's own form when it knows tools, else as tagged text."""
+    go in the template's own form when it knows tools, else as tagged text. A vision-language
+    model's template gets every content as a list of parts, images in their place."""
     messages: list[dict] = []
     for message in request.messages:
-        text = _text_only(message, engine)
+        text = _text_only(message, engine, generator)
         if isinstance(message, (SystemMessage, DeveloperMessage)):
             messages.append({"role": "system", "content": text})
         elif isinstance(message, UserMessage):
-            messages.append({"role": "user", "content": text})
+            messages.append({"role": "user", "content": vision.content_parts(message) if generator.processor else text})
         elif isinstance(message, AssistantMessage):
             calls = message.tool_calls or []
             if calls and generator.template_has_tools:
@@ -514,7 +529,7 @@ def template_messages(engine, generator: TextGenerator, request: ChatCompletionR
             messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + instructions}
         else:
             messages.insert(0, {"role": "system", "content": instructions})
-    return messages
+    return vision.structured(messages) if generator.processor else messages
 
 
 def _arguments(arguments: str) -> Any:
@@ -524,7 +539,10 @@ def _arguments(arguments: str) -> Any:
         return arguments
 
 
-def chat_prompt(engine, generator: TextGenerator, request: ChatCompletionRequest, tools_active: bool) -> list[int]:
+def chat_prompt(
+    engine, generator: TextGenerator, request: ChatCompletionRequest, tools_active: bool, images=None
+) -> tuple[list[int], dict | None]:
+    """The prompt's tokens, and a vision-language model's image inputs (None without images)."""
     messages = template_messages(engine, generator, request, tools_active)
     extra = {}
     if tools_active and generator.template_has_tools:
@@ -532,10 +550,14 @@ def chat_prompt(engine, generator: TextGenerator, request: ChatCompletionRequest
     if not generator.template:
         raise InvalidRequestError("this model has no chat template; use text completions", param="messages")
     try:
-        text = generator.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+        text = generator.tokenizer.apply_chat_template(
+            messages, chat_template=generator.template, add_generation_prompt=True, tokenize=False, **extra
+        )
     except jinja2.TemplateError as error:  # templates raise for what they refuse (roles, order)
         raise InvalidRequestError(f"the model's chat template refused the messages: {error}", param="messages") from None
-    return generator.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if generator.processor is not None and images:
+        return vision.model_inputs(generator, text, [images[url].pixels for url in vision.image_urls(request)])
+    return generator.tokenizer(text, add_special_tokens=False)["input_ids"], None
 
 
 async def chat_completion(engine, context, request: ChatCompletionRequest, sink) -> CompletionResult:
@@ -546,18 +568,21 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
         top = request.top_logprobs or 0
     sampling = _sampling(engine, request, generator, top)
 
-    def prepare() -> tuple[list[int], Any]:
+    def prepare() -> tuple[tuple[list[int], dict | None], Any]:
         # in the instance's thread: the tokenizer is not shared between threads
-        return chat_prompt(engine, generator, request, tools_active), generator.grammars.for_chat(request, tools_active)
+        prompt = chat_prompt(engine, generator, request, tools_active, context.images)
+        return prompt, generator.grammars.for_chat(request, tools_active)
 
-    prompt, grammar = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
+    (prompt, model_inputs), grammar = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
     if tools_active:
         def make_output():
             return structured.ToolCallOutput(sampling.stops)
     else:
         def make_output():
             return TextOutput(sampling.stops)
-    reasons, usage = await _run_choices(context, prompt, sampling, grammar, make_output, sink, 0, request.choices)
+    reasons, usage = await _run_choices(
+        context, prompt, sampling, grammar, make_output, sink, 0, request.choices, model_inputs
+    )
     return CompletionResult(finish_reasons=[reasons[i] for i in range(request.choices)], usage=usage)
 
 

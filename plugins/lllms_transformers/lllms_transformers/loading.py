@@ -202,6 +202,10 @@ def _load_text(model, prepared: Path, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lllms_transformers.generation import TextGenerator
+    from lllms_transformers.vision import is_vision_language, load_vision_language
+
+    if (prepared / "config.json").exists() and is_vision_language(_config(model, prepared)):
+        return load_vision_language(model, prepared, device, dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(prepared, local_files_only=True, trust_remote_code=model.options.trust_remote_code)
     causal = load_pretrained(AutoModelForCausalLM, prepared, model, device, dtype)

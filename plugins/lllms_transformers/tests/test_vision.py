@@ -105,3 +105,50 @@ async def test_image_to_text_through_the_library(blip_dir):
         with pytest.raises(Exception) as refused:
             await server.image_to_text({"model": "blip", "image": b"not an image"})
         assert getattr(refused.value, "code", None) == "invalid_image"
+
+
+# --- a vision-language chat model (a TINY random Idefics3: its answers are noise) ------------
+
+
+def look(client, *colours, text="What is in the picture?", **options):
+    parts = [{"type": "text", "text": text}] + [
+        {"type": "image_url", "image_url": {"url": data_url(colour)}} for colour in colours
+    ]
+    return client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": parts}], max_tokens=6, **options)
+
+
+def test_a_vision_language_model_answers_about_an_image(client):
+    with_image = look(client, (200, 30, 30), temperature=0)
+    without = client.chat.completions.create(
+        model="vlm", messages=[{"role": "user", "content": "What is in the picture?"}], max_tokens=6, temperature=0
+    )
+    assert isinstance(with_image.choices[0].message.content, str)
+    assert with_image.usage.completion_tokens > 0
+    # the image became tokens of the prompt: 4 image tokens and their markers
+    assert with_image.usage.prompt_tokens >= without.usage.prompt_tokens + 4
+    two = look(client, (200, 30, 30), (30, 30, 200), temperature=0)
+    assert two.usage.prompt_tokens >= with_image.usage.prompt_tokens + 4
+
+
+def test_answers_about_one_image_do_not_leak_into_answers_about_another(client):
+    first = look(client, (250, 250, 0), temperature=0, seed=1)
+    look(client, (0, 0, 0), temperature=0, seed=1)
+    again = look(client, (250, 250, 0), temperature=0, seed=1)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == 0  # image tokens do not tell images apart
+
+
+def test_a_vision_language_answer_streams(client):
+    stream = look(client, (10, 200, 10), stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.prompt_tokens > 0
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_a_text_only_model_refuses_images(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url((1, 1, 1))}}]}],
+        )
+    assert refused.value.body["param"] == "messages" and refused.value.body["code"] == "unsupported_parameter"
