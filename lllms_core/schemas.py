@@ -96,14 +96,22 @@ class ToolMessage(Struct, tag_field="role", tag="tool", kw_only=True):
 ChatMessage = Union[SystemMessage, DeveloperMessage, UserMessage, AssistantMessage, ToolMessage]
 
 
-def message_text(message: ChatMessage) -> str:
-    """The text of a message's content (parts joined; non-text parts left out)."""
+def message_text(message: ChatMessage, image_marker: str | None = None) -> str:
+    """The text of a message's content (parts joined; non-text parts left out, except that
+    with ``image_marker`` each image part is that text, in its place)."""
     content = message.content
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(part.text if isinstance(part, TextPart) else getattr(part, "refusal", "") for part in content)
+    return "".join(
+        part.text
+        if isinstance(part, TextPart)
+        else image_marker
+        if image_marker is not None and isinstance(part, ImageUrlPart)
+        else getattr(part, "refusal", "")
+        for part in content
+    )
 
 
 # --- tools and structured output ----------------------------------------------

@@ -275,6 +275,18 @@ class ModelStore:
                 await verify_file(file.path, checks, self.verified)
         return files[0].path if files else None
 
+    async def companion(self, model: ModelConfig, url: str | None = None, file: str | None = None, sha256: str | None = None) -> Path:
+        """A model's companion file (a multimodal projector, a VAE...) named by ``url`` or ``file``
+        as a model's own file would be: located, downloaded (shown under the model in
+        :meth:`status`) and verified against ``sha256``."""
+        import msgspec
+
+        companion = msgspec.structs.replace(model, url=url, file=file, location=None, sha256=sha256, md5=None)
+        location = await self._fetch(companion)
+        if location is None:
+            raise ConfigError(f"model {model.id!r}: a companion file needs a url or a file")
+        return location
+
     async def download(
         self, url: str, dest: Path, *, sha256: str | None = None, md5: str | None = None, key: str | None = None
     ) -> Path:

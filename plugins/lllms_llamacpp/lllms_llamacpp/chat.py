@@ -115,10 +115,11 @@ def _tool_call_block(name: str, arguments: str) -> str:
 
 
 def prepare_messages(
-    messages: list[ChatMessage], template: ChatTemplate, tools: list[dict] | None
+    messages: list[ChatMessage], template: ChatTemplate, tools: list[dict] | None, image_marker: str | None = None
 ) -> tuple[list[dict], str | None]:
     """Messages as the template's dicts, and the assistant prefill (the text of a last
-    assistant message, which the answer continues).
+    assistant message, which the answer continues). With ``image_marker``, a user message's
+    images are that text, in their place.
 
     System and developer messages are merged, in order, into one system message first.
     """
@@ -165,7 +166,7 @@ def prepare_messages(
             else:
                 turns.append({"role": "user", "content": block, "tool_results": True})
         else:
-            turns.append({"role": "user", "content": message_text(message)})
+            turns.append({"role": "user", "content": message_text(message, image_marker)})
     if tools and not template.knows_tools:
         system_parts.append(TOOLS_SYSTEM_PROMPT.format(tools="\n".join(json.dumps(tool) for tool in tools)))
     prefill = None

@@ -13,7 +13,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import msgspec
 import trio
@@ -53,6 +53,19 @@ class LoraAdapter(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     scale: float = 1.0
 
 
+class ProjectorFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A multimodal projector (mmproj GGUF): where it comes from, as a model's own file."""
+
+    url: str | None = None
+    file: str | None = None
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+
+
+class Prepared(NamedTuple):
+    path: Path | None
+    projector: Path | None
+
+
 class LlamaCppOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     """Options of a llamacpp model, written flat in the model's table."""
 
@@ -74,6 +87,9 @@ class LlamaCppOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     """Embedding pooling; default: the GGUF's pooling type, else mean."""
     chat_template: str | None = None
     """A Jinja chat template replacing the GGUF's own."""
+    mmproj: str | ProjectorFile | None = None
+    """The multimodal projector that lets the model see images: a URL (downloaded and
+    verified by the store, like the model), a path, or ``{url, file, sha256}``."""
 
 
 DEFAULT_CONTEXT_PER_SEQUENCE = 4096
@@ -91,6 +107,8 @@ class LlamaCppInstance(EngineInstance):
     embed_context: "Context | None"
     template: "ChatTemplate | None"
     device_info: dict[str, Any]
+    projector: Any = None
+    """The multimodal projector (:class:`lllms_llamacpp.vision.Projector`), if configured."""
 
     def info(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
@@ -106,6 +124,9 @@ class LlamaCppInstance(EngineInstance):
         if self.scheduler is not None:
             self.scheduler.stop()
             self.scheduler = None
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
         for context in (self.context, self.embed_context):
             if context is not None:
                 context.close()
@@ -121,14 +142,15 @@ class LlamaCppInstance(EngineInstance):
         add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
         return model.tokenize(text, add_special=add_bos, parse_special=True)
 
-    def tokenize_chat(self, text: str, contents: list[str]) -> list[int]:
+    def tokenize_chat(self, text: str, contents: list[str], starts_prompt: bool = True) -> list[int]:
         """Tokens of a rendered chat: the template's special tokens are parsed, but text
         from the messages (``contents``) that spells a special token stays plain text, so
-        a message cannot forge a turn."""
+        a message cannot forge a turn. ``starts_prompt``: false for text after an image,
+        which gets no BOS."""
         model = self.model
         forged = [content for content in contents if self.spells_special(content)]
         if not forged:
-            return self.tokenize_prompt(text)
+            return self.tokenize_prompt(text) if starts_prompt else model.tokenize(text, add_special=False, parse_special=True)
         tokens: list[int] = []
         position = 0
         for content in forged:
@@ -138,7 +160,7 @@ class LlamaCppInstance(EngineInstance):
                 found = text.find(content, position)
             if found == -1:  # a template that rewrites messages: its text is its own
                 continue
-            tokens += self.tokenize_prompt(text[position:found]) if position == 0 else model.tokenize(
+            tokens += self.tokenize_prompt(text[position:found]) if position == 0 and starts_prompt else model.tokenize(
                 text[position:found], add_special=False, parse_special=True
             )
             tokens += model.tokenize(content, add_special=False, parse_special=False)
@@ -219,8 +241,10 @@ def options_of(model: "ModelConfig") -> LlamaCppOptions:
     return model.options if isinstance(model.options, LlamaCppOptions) else LlamaCppOptions()
 
 
-def load_instance(model_config: "ModelConfig", path: str | os.PathLike, device: Device) -> LlamaCppInstance:
-    """Load a model and create its context (and scheduler); blocking."""
+def load_instance(
+    model_config: "ModelConfig", path: str | os.PathLike, device: Device, projector: str | os.PathLike | None = None
+) -> LlamaCppInstance:
+    """Load a model and create its context (and scheduler, and multimodal projector); blocking."""
     from lllms_llamacpp.chat import ChatTemplate
     from lllms_llamacpp.native import Context, ContextSettings, Model
     from lllms_llamacpp.scheduler import Scheduler
@@ -267,9 +291,13 @@ def load_instance(model_config: "ModelConfig", path: str | os.PathLike, device: 
             bos_token=model.piece_text(model.bos) if model.bos >= 0 else "",
             eos_token=model.piece_text(model.eos) if model.eos >= 0 else "",
         )
+        if projector is not None:
+            from lllms_llamacpp.vision import Projector
+
+            instance.projector = Projector(model, str(projector), threads=threads, gpu=gpu_layers != 0)
         instance.scheduler = Scheduler(
             model, instance.context, slots=parallel, spare=spare, n_ctx_seq=n_ctx_seq,
-            prompt_chunk=max(32, min(options.ubatch_size, batch) // 4),
+            prompt_chunk=max(32, min(options.ubatch_size, batch) // 4), projector=instance.projector,
         )
         instance.slot_states = instance.scheduler.sequences[:parallel]
     except BaseException:
@@ -288,7 +316,7 @@ class LlamaCppEngine(Engine):
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_window",
             "frequency_penalty", "presence_penalty", "logit_bias", "seed", "grammar",
             "n", "logprobs", "json_object", "json_schema", "tools", "echo", "suffix",
-            "token_prompt", "token_input", "pooling",
+            "token_prompt", "token_input", "pooling", "vision",
         }
     )
 
@@ -298,11 +326,25 @@ class LlamaCppEngine(Engine):
 
         return bool(llama_cpp.llama_supports_gpu_offload())
 
+    async def prepare_model(self, model: "ModelConfig", location: Path | None) -> Any:
+        """The model's file, and its multimodal projector fetched and verified as a companion file."""
+        projector = options_of(model).mmproj
+        if projector is None:
+            return location
+        if isinstance(projector, str):
+            is_url = projector.split("://", 1)[0] in ("http", "https", "hf", "package")
+            projector = ProjectorFile(url=projector) if is_url else ProjectorFile(file=projector)
+        if self.store is None:
+            raise ModelLoadError(f"model {model.id!r}: a multimodal projector needs the model store")
+        path = await self.store.companion(model, url=projector.url, file=projector.file, sha256=projector.sha256)
+        return Prepared(location, path)
+
     async def create_instance(self, model: "ModelConfig", prepared: Any, device: Device) -> EngineInstance:
-        location = prepared or model.location or model.file
+        projector = prepared.projector if isinstance(prepared, Prepared) else None
+        location = (prepared.path if isinstance(prepared, Prepared) else prepared) or model.location or model.file
         if location is None:
             raise ModelLoadError(f"model {model.id!r} has no file to load")
-        return await trio.to_thread.run_sync(load_instance, model, Path(location), device)
+        return await trio.to_thread.run_sync(load_instance, model, Path(location), device, projector)
 
     async def dispose_instance(self, instance: EngineInstance) -> None:
         await trio.to_thread.run_sync(instance.close)
@@ -356,20 +398,31 @@ class LlamaCppEngine(Engine):
                 [(f.name, f.parameters if f.parameters is not msgspec.UNSET else {}) for f in functions],
                 parallel=request.parallel_tool_calls is not False and not isinstance(request.tool_choice, NamedToolChoice),
             )
-        messages, prefill = prepare_messages(request.messages, template, tools)
-        template_tools = tools if template.knows_tools else None
+        from lllms_llamacpp.vision import prompt_images
 
-        contents = [message_text(message) for message in request.messages]
+        images = await prompt_images(instance, context, request)
+        try:
+            marker = images.marker if images else None
+            messages, prefill = prepare_messages(request.messages, template, tools, marker)
+            template_tools = tools if template.knows_tools else None
 
-        def tokens_of(turns: list[dict]) -> list[int]:
-            text = template.render(turns, tools=template_tools, add_generation_prompt=True)
-            return instance.tokenize_chat(text + (prefill or ""), contents)
+            contents = [message_text(message) for message in request.messages]
 
-        prompt = self._fit_chat(instance, messages, tokens_of, request.token_limit)
-        if not context.fresh and not any(instance.spells_special(content) for content in contents):
-            prompt = instance.keep_held_tokens(context.slot, prompt)
-        known = {tool.function.name for tool in request.tools} if use_tools else None
-        return await self._complete(context, request, sink, [prompt], grammar, known, echo=[None])
+            def tokens_of(turns: list[dict]) -> list[int]:
+                text = template.render(turns, tools=template_tools, add_generation_prompt=True)
+                if images:
+                    return images.tokenize(text + (prefill or ""), contents)
+                return instance.tokenize_chat(text + (prefill or ""), contents)
+
+            prompt = self._fit_chat(instance, messages, tokens_of, request.token_limit)
+            if not images and not context.fresh and not any(instance.spells_special(content) for content in contents):
+                prompt = instance.keep_held_tokens(context.slot, prompt)
+            known = {tool.function.name for tool in request.tools} if use_tools else None
+            media = images.positions(prompt) if images else None
+            return await self._complete(context, request, sink, [prompt], grammar, known, echo=[None], media=media)
+        finally:
+            if images:
+                images.release()
 
     async def text_completion(
         self, context: TaskContext, request: TextCompletionRequest, sink: ChunkSink
@@ -596,8 +649,10 @@ class LlamaCppEngine(Engine):
         grammar: str | None,
         tool_names: set[str] | None,
         echo: list[str | None],
+        media: dict | None = None,
     ) -> CompletionResult:
-        """Generate ``n`` choices for each prompt, as parallel sequences."""
+        """Generate ``n`` choices for each prompt, as parallel sequences. ``media``: where the
+        first prompt's images are (see :mod:`lllms_llamacpp.vision`)."""
         from lllms_llamacpp.chat import ToolCallParser
         from lllms_llamacpp.native import Sampler
         from lllms_llamacpp.scheduler import Job, TextStream
@@ -625,11 +680,18 @@ class LlamaCppEngine(Engine):
                         after=first,
                         fresh=context.fresh and index == 0,
                     )
+                    if media and number == 0:
+                        job.media = dict(media)
+                        for owner in {id(m.owner): m.owner for m in media.values()}.values():
+                            owner.acquire()
                     first = first or job
                     jobs.append(job)
         except BaseException:
+            from lllms_llamacpp.scheduler import release_media
+
             for job in jobs:
                 job.sampler.close()
+                release_media(job)
             raise
         for job in jobs:
             text = echo[job.index // choices]

@@ -92,6 +92,9 @@ class Job:
     evaluate_only: bool = False
     fresh: bool = False
     delivery: Delivery | None = None
+    media: dict = field(default_factory=dict)
+    """Prompt position → the image (:class:`lllms_llamacpp.vision.Media`) whose placeholder
+    tokens start there; the job holds their chunks until it is released."""
     # progress, owned by the scheduler thread
     pending: list[int] = field(default_factory=list)
     prompt_done: bool = False
@@ -105,9 +108,12 @@ class Job:
 class Scheduler:
     """The decode loop of one instance, in a thread of its own."""
 
-    def __init__(self, model: Model, context: Context, *, slots: int, spare: int, n_ctx_seq: int, prompt_chunk: int):
+    def __init__(
+        self, model: Model, context: Context, *, slots: int, spare: int, n_ctx_seq: int, prompt_chunk: int, projector=None
+    ):
         self.model = model
         self.context = context
+        self.projector = projector
         self.slots = slots
         self.n_ctx_seq = n_ctx_seq
         self.prompt_chunk = prompt_chunk
@@ -203,13 +209,14 @@ class Scheduler:
             context.remove(seq)
             state.tokens = []
         limit = len(prompt) if job.evaluate_only else len(prompt) - 1  # the last token gives the logits
-        own = min(common_prefix(state.tokens, prompt), limit)
+        limit = self._before_media(job, limit)
+        own = self._before_media(job, min(common_prefix(state.tokens, prompt), limit))
         if self.model.recurrent and own < len(state.tokens):
             own = 0
         source, best = seq, own
         for other, other_state in enumerate(self.sequences):
             if other != seq and not self.model.recurrent:
-                length = min(common_prefix(other_state.tokens, prompt), limit)
+                length = self._before_media(job, min(common_prefix(other_state.tokens, prompt), limit))
                 if length > best:
                     source, best = other, length
         if source != seq:
@@ -224,7 +231,37 @@ class Scheduler:
         if not job.pending:
             job.prompt_done = True
 
+    @staticmethod
+    def _before_media(job: Job, length: int) -> int:
+        """``length``, or the start of an image whose placeholders it would cut."""
+        for start, media in job.media.items():
+            if start < length < start + media.n_pos:
+                return start
+        return length
+
+    def _evaluate_media(self) -> None:
+        """Evaluate the image each prompt has reached, if any (mtmd decodes it on its own)."""
+        from lllms_llamacpp.vision import evaluate
+
+        for job in list(self.active):
+            if job.prompt_done or not job.media:
+                continue
+            state = self.sequences[job.seq]
+            media = job.media.get(len(state.tokens))
+            if media is None:
+                continue
+            try:
+                evaluate(self.projector, self.context, media, len(state.tokens), job.seq)
+            except LllmsError as error:
+                self.context.remove(job.seq, len(state.tokens))
+                self._fail(job, error)
+                continue
+            state.tokens.extend(media.placeholders)
+            job.pending = job.pending[media.n_pos :]
+
     def _step(self) -> None:
+        if any(job.media for job in self.active):
+            self._evaluate_media()
         context = self.context
         context.clear_batch()
         outputs: list[tuple[Job, int]] = []
@@ -240,9 +277,12 @@ class Scheduler:
         for job in self.active:
             if job.prompt_done or budget <= 0:
                 continue
-            chunk = job.pending[:budget]
-            budget -= len(chunk)
             start = len(self.sequences[job.seq].tokens)
+            if start in job.media:
+                continue  # an image the next step evaluates
+            text_left = min((position - start for position in job.media if position > start), default=len(job.pending))
+            chunk = job.pending[: min(budget, text_left)]
+            budget -= len(chunk)
             completes = len(chunk) == len(job.pending)
             for offset, token in enumerate(chunk):
                 last = completes and offset == len(chunk) - 1 and not job.evaluate_only
@@ -328,6 +368,7 @@ class Scheduler:
         if job.sampler is not None:
             job.sampler.close()
             job.sampler = None
+        release_media(job)
 
     def _evict_idle(self) -> bool:
         """Free the KV cells of sequences no job uses; True when something was freed."""
@@ -393,3 +434,11 @@ class Scheduler:
             "decoded_tokens": self.decoded_tokens,
         }
 
+
+
+def release_media(job: Job) -> None:
+    """Give back the job's hold on its images' chunks (once)."""
+    owners = {id(media.owner): media.owner for media in job.media.values()}
+    job.media = {}
+    for owner in owners.values():
+        owner.release()
