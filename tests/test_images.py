@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from helpers.fileserver import FileServer
+from helpers.openai_schema import validate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -293,3 +294,24 @@ def test_generation_shows_its_progress_and_a_client_that_leaves_frees_the_instan
     assert nothing_busy(server)  # the generation stopped between steps (100 × 0.2 s would take 20 s)
     result = client.images.generate(model="slow-painter", prompt="a quick fox", size="8x8", extra_body={"steps": 1})
     assert decoded(result.data[0]).size == (8, 8)
+
+
+def test_the_openapi_document_describes_the_image_routes_and_their_answers(server):
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    from lllms_core.api.openapi import openapi_document
+
+    document = openapi_document()
+    edit = document["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "mask", "prompt", "model", "strength"} <= set(edit["properties"]) and "image" in edit["required"]
+    generation = document["components"]["schemas"]["ImageGenerationRequest"]
+    assert {"prompt", "size", "seed", "steps", "guidance_scale"} <= set(generation["properties"])
+    assert "image" not in generation["properties"]
+    registry = Registry().with_resource("urn:lllms", Resource(document, DRAFT202012))
+    body = httpx.post(server.url("/v1/images/generations"), json={"model": "painter", "prompt": "a fox", "n": 2}).json()
+    Draft202012Validator({"$ref": "urn:lllms#/components/schemas/ImagesResponse"}, registry=registry).validate(body)
+    validate("ImagesResponse", body)  # OpenAI's own description of the answer
+    status = httpx.get(server.url("/")).json()
+    Draft202012Validator({"$ref": "urn:lllms#/components/schemas/ServerStatus"}, registry=registry).validate(status)

@@ -32,7 +32,7 @@ async def images_body(generation: ImageGenerationRequest, result: ImageGeneratio
     data = []
     for pixels in result.images:
         encoded = await trio.to_thread.run_sync(encode_image, pixels, output_format)
-        data.append({"b64_json": base64.b64encode(encoded).decode("ascii"), "revised_prompt": None})
+        data.append({"b64_json": base64.b64encode(encoded).decode("ascii")})
     body: dict[str, Any] = {"created": int(time.time()), "data": data, "output_format": output_format}
     if result.images:
         width, height = result.images[0].size

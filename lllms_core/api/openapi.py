@@ -19,6 +19,7 @@ from lllms_core.schemas import (
     DetokenizeRequest,
     EmbeddingRequest,
     FinishReason,
+    ImageGenerationRequest,
     RerankRequest,
     TextCompletionRequest,
     TokenLogprob,
@@ -190,6 +191,19 @@ class Transcription(Struct, kw_only=True):
     segments: list[VerboseSegment] | UnsetType = UNSET
 
 
+class GeneratedImage(Struct, kw_only=True):
+    b64_json: str
+    """The image, base64-encoded in `output_format`."""
+
+
+class ImagesResponse(Struct, kw_only=True):
+    created: int
+    data: list[GeneratedImage]
+    output_format: Literal["png", "jpeg", "webp"]
+    size: str | UnsetType = UNSET
+    """`<width>x<height>` of the images."""
+
+
 class Model(Struct, kw_only=True):
     id: str
     object: Literal["model"]
@@ -234,12 +248,21 @@ class ModelStatus(Struct, kw_only=True):
     downloads: list[DownloadStatus]
 
 
+class Progress(Struct, kw_only=True):
+    done: int
+    total: int | None
+    unit: str
+    """What is counted: `steps` of an image generation."""
+
+
 class SlotStatus(Struct, kw_only=True):
     index: int
     busy: bool
     context: str | None
     """A hash naming the context the slot holds (never its text)."""
     context_depth: int
+    progress: Progress | None = None
+    """How far the slot's task has come, for engines that report it (image generation)."""
 
 
 class InstanceStatus(Struct, kw_only=True):
@@ -321,7 +344,29 @@ def _without_internal_fields(components: dict[str, Any]) -> None:
     """Drop the Struct fields the API fills itself rather than reading them from the body."""
     for name in ("ChatCompletionRequest", "TextCompletionRequest"):
         components[name]["properties"].pop("plugin_parameters", None)
+    for name in ("image", "mask", "strength"):  # edits only: see the multipart form
+        components["ImageGenerationRequest"]["properties"].pop(name, None)
 
+
+def _edit_form(components: dict[str, Any]) -> dict[str, Any]:
+    """The multipart form of an image edit: the generation's fields as form fields, the
+    image(s) and the mask as uploaded files."""
+    fields = copy.deepcopy(components["ImageGenerationRequest"])
+    upload = {"type": "string", "contentMediaType": "application/octet-stream"}
+    properties = {
+        "image": {
+            "oneOf": [upload, {"type": "array", "items": upload}],
+            "description": "The image to edit (PNG, JPEG, WebP, GIF or BMP); also sent as `image[]`. "
+            "The first image is edited.",
+        },
+        "mask": {**upload, "description": "Optional: transparent pixels mark where to paint; the image's size."},
+        "strength": {
+            "type": "number", "exclusiveMinimum": 0, "maximum": 1,
+            "description": "Extension: how much of the image is replaced (1: all of it); default: the model's.",
+        },
+        **fields["properties"],
+    }  # fmt: skip
+    return {"type": "object", "properties": properties, "required": ["image", *fields.get("required", [])]}
 
 def _transcription_form(components: dict[str, Any]) -> dict[str, Any]:
     """The multipart form of a transcription request: the Struct's fields, with the
@@ -345,7 +390,9 @@ def openapi_document() -> dict[str, Any]:
 
     response_kinds = (ChatCompletion, ChatCompletionChunk, TextCompletion, EmbeddingList, Transcription,
                       ModelList, Model, Error, ServerStatus, Health)
-    request_kinds = (ChatCompletionRequest, TextCompletionRequest, EmbeddingRequest, TranscriptionRequest)
+    response_kinds += (ImagesResponse,)
+    request_kinds = (ChatCompletionRequest, TextCompletionRequest, EmbeddingRequest, TranscriptionRequest,
+                     ImageGenerationRequest)
     from lllms_core.api import anthropic, ollama, responses
 
     other_requests = (anthropic.MessagesRequest, anthropic.CountTokensRequest, responses.CreateResponse,
@@ -354,6 +401,7 @@ def openapi_document() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(request_kinds + response_kinds + other_requests, ref_template=REF)
     _without_internal_fields(components)
     transcription_form = _transcription_form(components)
+    edit_form = _edit_form(components)
 
     alias = {"servers": [{"url": "/"}, {"url": ALIAS_BASE, "description": "The same routes under /openai"}]}
     paths: dict[str, Any] = {
@@ -399,6 +447,24 @@ def openapi_document() -> dict[str, Any]:
                         "text/vtt": {"schema": {"type": "string"}},
                     },
                 },
+            ),
+        },
+        "/v1/images/generations": {
+            **alias,
+            **_post(
+                "createImage",
+                "Generate images from a prompt",
+                {"application/json": {"schema": _ref(ImageGenerationRequest)}},
+                _json(ImagesResponse, "The images, as base64 (`response_format: url` is refused: lllms keeps no files)."),
+            ),
+        },
+        "/v1/images/edits": {
+            **alias,
+            **_post(
+                "createImageEdit",
+                "Edit an image (where a mask is transparent, or all of it) following a prompt",
+                {"multipart/form-data": {"schema": edit_form}},
+                _json(ImagesResponse, "The edited images, as base64."),
             ),
         },
         "/v1/models": {
