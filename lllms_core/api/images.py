@@ -33,11 +33,8 @@ async def images_body(generation: ImageGenerationRequest, result: ImageGeneratio
     for pixels in result.images:
         encoded = await trio.to_thread.run_sync(encode_image, pixels, output_format)
         data.append({"b64_json": base64.b64encode(encoded).decode("ascii")})
-    body: dict[str, Any] = {"created": int(time.time()), "data": data, "output_format": output_format}
-    if result.images:
-        width, height = result.images[0].size
-        body["size"] = f"{width}x{height}"
-    return body
+    # no `size`: OpenAI's schema allows only its own sizes there
+    return {"created": int(time.time()), "data": data, "output_format": output_format}
 
 
 async def generate(generation: ImageGenerationRequest) -> Response:

@@ -200,8 +200,6 @@ class ImagesResponse(Struct, kw_only=True):
     created: int
     data: list[GeneratedImage]
     output_format: Literal["png", "jpeg", "webp"]
-    size: str | UnsetType = UNSET
-    """`<width>x<height>` of the images."""
 
 
 class Model(Struct, kw_only=True):

@@ -92,7 +92,8 @@ def server(tiny_sd, tmp_path_factory):
         {
             "server": {"cache_dir": str(tmp_path_factory.mktemp("cache"))},
             "models": {
-                "paint": {"engine": "diffusers", "location": str(tiny_sd), "steps": 3, "ttl": 3600},
+                # one torch thread: on a shared 2-core machine two spinning threads are many times slower
+                "paint": {"engine": "diffusers", "location": str(tiny_sd), "steps": 3, "ttl": 3600, "device": {"cpu_threads": 1}},
             },
         }
     ).start()
