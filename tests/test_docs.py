@@ -14,6 +14,7 @@ ENGINES = ("llamacpp", "gpt4all", "transformers")
 
 # (section heading, text that starts the row's first cell) -> capability name
 ROWS = {
+    ("chat/completions", "`image_url` content parts"): "vision",
     ("chat/completions", "`temperature`"): "temperature",
     ("chat/completions", "`top_p`"): "top_p",
     ("chat/completions", "`top_k`"): "top_k",
@@ -35,6 +36,7 @@ ROWS = {
     ("/v1/completions", "`logprobs`"): "logprobs",
     ("embeddings", "`input`: token ids"): "token_input",
     ("embeddings", "`pooling`"): "pooling",
+    ("embeddings", "`input`: images"): "image_embeddings",
 }
 
 
