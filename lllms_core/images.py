@@ -25,12 +25,13 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import trio
 
 from lllms_core.errors import InvalidRequestError
+from lllms_core.schemas import ImageUrl, ImageUrlPart
 
 if TYPE_CHECKING:
     import PIL.Image
 
     from lllms_core.config import ImagesConfig
-    from lllms_core.schemas import ChatCompletionRequest, ImageUrlPart
+    from lllms_core.schemas import ChatCompletionRequest
 
 MEDIA_TYPES = {
     "png": "image/png",
@@ -85,17 +86,24 @@ def is_image_data_url(text: Any) -> bool:
     return isinstance(text, str) and text[:11].lower() == "data:image/"
 
 
-def image_part(url: str | None = None, *, data: bytes | str | None = None, media_type: str | None = None) -> "ImageUrlPart":
-    """A chat ``image_url`` part from a URL, or from image bytes (or their base64) and their
-    media type: what adapters of other APIs build from their image blocks."""
-    from lllms_core.schemas import ImageUrl, ImageUrlPart
+class PlacedImageUrlPart(ImageUrlPart, tag_field="type", tag="image_url", kw_only=True):
+    """An image part that knows where its API's request had it, for the ``param`` of an error."""
 
+    param: str | None = None
+
+
+def image_part(
+    url: str | None = None, *, data: bytes | str | None = None, media_type: str | None = None, param: str | None = None
+) -> ImageUrlPart:
+    """A chat ``image_url`` part from a URL, or from image bytes (or their base64) and their
+    media type: what adapters of other APIs build from their image blocks. ``param``: where
+    the image is in that API's request, named by an error about it."""
     if url is None:
         if data is None or media_type is None:
             raise ValueError("an image needs a url, or data and its media_type")
         encoded = data if isinstance(data, str) else base64.b64encode(data).decode("ascii")
         url = f"data:{media_type};base64,{encoded}"
-    return ImageUrlPart(image_url=ImageUrl(url=url))
+    return PlacedImageUrlPart(image_url=ImageUrl(url=url), param=param)
 
 
 def parse_data_url(url: str, param: str | None) -> tuple[str, bytes]:
@@ -117,15 +125,14 @@ def parse_data_url(url: str, param: str | None) -> tuple[str, bytes]:
 
 def chat_image_sources(request: "ChatCompletionRequest") -> list[tuple[str, str]]:
     """(url, param) of every image part of a chat request's messages, in order."""
-    from lllms_core.schemas import ImageUrlPart
-
     found = []
     for number, message in enumerate(request.messages):
         content = message.content
         if isinstance(content, list):
             for index, part in enumerate(content):
                 if isinstance(part, ImageUrlPart):
-                    found.append((part.image_url.url, f"messages[{number}].content[{index}].image_url.url"))
+                    where = getattr(part, "param", None) or f"messages[{number}].content[{index}].image_url.url"
+                    found.append((part.image_url.url, where))
     return found
 
 

@@ -141,7 +141,7 @@ def test_the_sdk_raises_its_own_errors(client):
     with pytest.raises(anthropic.NotFoundError) as raised:
         client.messages.create(model="nope", max_tokens=5, messages=USER)
     assert raised.value.body["error"]["type"] == "not_found_error"
-    with pytest.raises(anthropic.BadRequestError, match="images are not supported"):
+    with pytest.raises(anthropic.BadRequestError, match="not an image"):
         client.messages.create(model="chat", max_tokens=5, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
 

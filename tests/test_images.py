@@ -201,6 +201,49 @@ def test_a_model_whose_engine_does_not_see_images_refuses_them_before_fetching(c
     assert not files.gets("/unseen.png")
 
 
+# --- images through the other APIs ----------------------------------------------------
+
+
+def test_anthropic_image_blocks_reach_the_model(server, files):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server.base_url, api_key="unused", max_retries=0)
+    encoded = base64.b64encode(png(12, 10)).decode()
+    message = client.messages.create(model="see", max_tokens=64, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Look"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": encoded}},
+        {"type": "image", "source": {"type": "url", "url": files.add("/anthropic.png", png(6, 4))}},
+    ]}])  # fmt: skip
+    assert message.content[0].text == "You said: Look [image 12x10 png] [image 6x4 png]"
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="see", max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])  # fmt: skip
+
+
+def test_responses_input_images_reach_the_model(client):
+    response = client.responses.create(model="see", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Look"},
+        {"type": "input_image", "image_url": data_url(png(9, 7))},
+    ]}])  # fmt: skip
+    assert response.output_text == "You said: Look [image 9x7 png]"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(model="see", input=[{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}])
+    assert refused.value.body["code"] == "invalid_image"
+
+
+def test_ollama_images_reach_the_model(server):
+    import ollama
+
+    client = ollama.Client(host=server.base_url)
+    answer = client.chat(model="see", messages=[{"role": "user", "content": "Look", "images": [png(5, 3)]}])
+    assert answer.message.content == "You said: Look [image 5x3 png]"
+    generated = client.generate(model="see", prompt="Look", images=[encoded(png(4, 2), "JPEG")])
+    assert generated.response == "You said: Look [image 4x2 jpeg]"
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(model="see", messages=[{"role": "user", "content": "Look", "images": [b"not an image"]}])
+    assert refused.value.status_code == 400
+
+
 # --- image generation routes ----------------------------------------------------------
 
 

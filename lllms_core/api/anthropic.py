@@ -19,6 +19,7 @@ from quart import Blueprint, Response
 from lllms_core.api.common import error_shape, json_response, read_request, state
 from lllms_core.api.openai import ChunkEvents, complete, open_chat_stream, stream_events
 from lllms_core.errors import InvalidRequestError, LllmsError
+from lllms_core.images import image_part
 from lllms_core.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -33,6 +34,7 @@ from lllms_core.schemas import (
     Probability,
     Request,
     SystemMessage,
+    ImageUrlPart,
     TextPart,
     TokenizeRequest,
     Tool,
@@ -176,9 +178,20 @@ class MessagesRequest(CountTokensRequest, kw_only=True, omit_defaults=True):
 
 
 def _refuse_media(block: Any, where: str) -> None:
-    if isinstance(block, (ImageBlock, DocumentBlock)):
-        kind = "images" if isinstance(block, ImageBlock) else "documents"
-        raise InvalidRequestError(f"{kind} are not supported yet: no engine of this server reads them", param=where)
+    if isinstance(block, DocumentBlock):
+        raise InvalidRequestError("documents are not supported yet: no engine of this server reads them", param=where)
+    if isinstance(block, ImageBlock):
+        raise InvalidRequestError("images are read in user messages only", param=where)
+
+
+def _image(block: ImageBlock, where: str) -> ImageUrlPart:
+    """An image block as the core's chat image part (the core fetches and decodes it)."""
+    source = block.source if block.source is not UNSET else {}
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        return image_part(data=source["data"], media_type=str(source.get("media_type") or "image/png"), param=where)
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return image_part(source["url"], param=where)
+    raise InvalidRequestError("an image's source must be base64 data or a url", param=f"{where}.source")
 
 
 def _text(content: str | list, where: str) -> str:
@@ -202,8 +215,12 @@ def chat_messages(body: CountTokensRequest) -> list[ChatMessage]:
         where = f"messages[{number}].content"
         blocks = [TextBlock(text=message.content)] if isinstance(message.content, str) else message.content
         texts: list[str] = []
+        images: list[tuple[int, ImageUrlPart]] = []
         calls: list[ToolCall] = []
         for position, block in enumerate(blocks):
+            if isinstance(block, ImageBlock) and message.role == "user":
+                images.append((len(texts), _image(block, f"{where}[{position}]")))
+                continue
             _refuse_media(block, f"{where}[{position}]")
             if isinstance(block, TextBlock):
                 texts.append(block.text)
@@ -217,7 +234,12 @@ def chat_messages(body: CountTokensRequest) -> list[ChatMessage]:
                     raise InvalidRequestError("tool_use blocks belong in assistant messages", param=f"{where}[{position}]")
                 calls.append(ToolCall(id=block.id, function=FunctionCall(name=block.name, arguments=json.dumps(block.input))))
         if message.role == "user":
-            if texts or isinstance(message.content, str):
+            if images:
+                parts: list[Any] = [TextPart(text=text) for text in texts]
+                for offset, (before, image) in enumerate(images):
+                    parts.insert(before + offset, image)  # each image where it was among the texts
+                messages.append(UserMessage(content=parts))
+            elif texts or isinstance(message.content, str):
                 messages.append(UserMessage(content=[TextPart(text=text) for text in texts] if len(texts) > 1 else "".join(texts)))
         else:
             messages.append(AssistantMessage(content="".join(texts) or None, tool_calls=calls or UNSET))

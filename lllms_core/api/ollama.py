@@ -26,6 +26,7 @@ from quart import Blueprint, Response, request
 from lllms_core.api.common import error_shape, json_response, read_request, state
 from lllms_core.api.openai import ChunkEvents, complete, open_chat_stream, open_text_streams, stream_events
 from lllms_core.errors import InvalidRequestError, LllmsError, ModelNotFoundError
+from lllms_core.images import image_part
 from lllms_core.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -40,6 +41,7 @@ from lllms_core.schemas import (
     ResponseFormatJsonSchema,
     SystemMessage,
     TextCompletionRequest,
+    TextPart,
     Tool,
     ToolCall,
     ToolChoice,
@@ -202,7 +204,15 @@ def response_format(value: str | dict[str, Any] | None) -> Any:
 
 def refuse_images(images: list[str] | None, where: str) -> None:
     if images:
-        raise InvalidRequestError("images are not supported yet: no engine of this server reads them", param=where)
+        raise InvalidRequestError("images are read in user messages only", param=where)
+
+
+def user_content(text: str, images: list[str] | None, where: str) -> str | list:
+    """A user message's text and its images (base64, any image type: the core decodes them)."""
+    if not images:
+        return text
+    parts: list[Any] = [TextPart(text=text)] if text else []
+    return parts + [image_part(data=image, media_type="image/*", param=f"{where}[{n}]") for n, image in enumerate(images)]
 
 
 def chat_messages(messages: list[OllamaMessage]) -> list[ChatMessage]:
@@ -211,7 +221,8 @@ def chat_messages(messages: list[OllamaMessage]) -> list[ChatMessage]:
     converted: list[ChatMessage] = []
     unanswered: list[str] = []
     for number, message in enumerate(messages):
-        refuse_images(message.images, f"messages[{number}].images")
+        if message.role != "user":
+            refuse_images(message.images, f"messages[{number}].images")
         if message.role == "assistant":
             calls = []
             for position, call in enumerate(message.tool_calls or ()):
@@ -228,7 +239,7 @@ def chat_messages(messages: list[OllamaMessage]) -> list[ChatMessage]:
         elif message.role == "system":
             converted.append(SystemMessage(content=message.content))
         else:
-            converted.append(UserMessage(content=message.content))
+            converted.append(UserMessage(content=user_content(message.content, message.images, f"messages[{number}].images")))
     return converted
 
 
@@ -363,11 +374,11 @@ async def chat() -> Response:
 @api.post("/api/generate")
 async def generate() -> Response:
     body = await read_request(GenerateBody)
-    refuse_images(body.images, "images")
     if not body.prompt and body.suffix is None:
         return await load_or_unload(body, "response")
     server = state().server
     if body.raw or body.suffix is not None:
+        refuse_images(body.images, "images")  # a raw prompt has no place for them
         text = TextCompletionRequest(prompt=body.prompt, suffix=body.suffix, **sampling(body))
         if body.format:
             raise InvalidRequestError("format needs a chat prompt: it cannot be combined with raw or suffix", param="format")
@@ -377,7 +388,7 @@ async def generate() -> Response:
     else:
         messages: list[ChatMessage] = [SystemMessage(content=body.system)] if body.system else []
         chat_request = ChatCompletionRequest(
-            messages=[*messages, UserMessage(content=body.prompt)], response_format=response_format(body.format),
+            messages=[*messages, UserMessage(content=user_content(body.prompt, body.images, "images"))], response_format=response_format(body.format),
             **sampling(body), **reasoning(body),
         )  # fmt: skip
 

@@ -25,6 +25,7 @@ from lllms_core.api.common import json_response, read_request, sse, state
 from lllms_core.api.openai import ChunkEvents, complete, open_chat_stream, stream_events
 from lllms_core.config import cache_dir
 from lllms_core.errors import InvalidRequestError, LllmsError, NotFoundError
+from lllms_core.images import image_part
 from lllms_core.schemas import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -179,9 +180,27 @@ def _content_text(content: str | list, where: str) -> str:
     if isinstance(content, str):
         return content
     for number, part in enumerate(content):
-        if isinstance(part, (InputImage, InputFile)):
-            raise InvalidRequestError("images and files are not supported yet: no engine of this server reads them", param=f"{where}[{number}]")
+        if isinstance(part, InputFile):
+            raise InvalidRequestError("files are not supported yet: no engine of this server reads them", param=f"{where}[{number}]")
+        if isinstance(part, InputImage):
+            raise InvalidRequestError("images are read in user messages only", param=f"{where}[{number}]")
     return "".join(part.text for part in content)
+
+
+def _user_content(content: str | list, where: str) -> str | list:
+    """A user message's content, its ``input_image`` parts as the core's image parts (the
+    core fetches and decodes them)."""
+    if isinstance(content, str) or not any(isinstance(part, InputImage) for part in content):
+        return _content_text(content, where)
+    parts: list[Any] = []
+    for number, part in enumerate(content):
+        if isinstance(part, InputImage):
+            if not part.image_url:
+                raise InvalidRequestError("an input_image needs an image_url (a URL or a data URL); file ids are not kept here", param=f"{where}[{number}]")
+            parts.append(image_part(part.image_url, param=f"{where}[{number}]"))
+        else:
+            parts.append(TextPart(text=_content_text([part], where)))
+    return parts
 
 
 def chat_messages(items: list[Any]) -> list[ChatMessage]:
@@ -191,7 +210,11 @@ def chat_messages(items: list[Any]) -> list[ChatMessage]:
     kinds = {"user": UserMessage, "system": SystemMessage, "developer": DeveloperMessage}
     for number, item in enumerate(items):
         if isinstance(item, MessageItem):
-            text = _content_text(item.content, f"input[{number}].content")
+            where = f"input[{number}].content"
+            if item.role == "user":
+                messages.append(UserMessage(content=_user_content(item.content, where)))
+                continue
+            text = _content_text(item.content, where)
             messages.append(AssistantMessage(content=text) if item.role == "assistant" else kinds[item.role](content=text))
         elif isinstance(item, FunctionCallItem):
             call = ToolCall(id=item.call_id, function=FunctionCall(name=item.name, arguments=item.arguments))
