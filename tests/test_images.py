@@ -137,6 +137,15 @@ def test_something_that_is_not_an_image_is_a_bad_request(client, server):
     assert nothing_busy(server)
 
 
+def test_a_streamed_chat_with_a_bad_image_is_a_bad_request_before_the_stream_starts(client, server):
+    def stream():
+        return list(client.chat.completions.create(model="see", stream=True, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(b"nope")}}]}]))  # fmt: skip
+
+    refused(stream, "invalid_image")
+    assert nothing_busy(server)
+
+
 def test_an_image_type_that_is_not_accepted_is_a_bad_request(client, files, server):
     refused(lambda: ask(client, data_url(encoded(png(), "TIFF"), "image/tiff")), "unsupported_image_type")
     refused(lambda: ask(client, data_url(b"<html></html>", "text/html")), "unsupported_image_type")
