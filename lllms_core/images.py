@@ -309,3 +309,30 @@ def encode_image(pixels: "PIL.Image.Image", format: str = "png") -> bytes:
     image = pixels.convert("RGB") if format == "jpeg" and pixels.mode != "RGB" else pixels
     image.save(buffer, format={"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[format])
     return buffer.getvalue()
+
+
+async def describe_images(request: "ChatCompletionRequest", caption) -> "ChatCompletionRequest":
+    """The request with each image part replaced by a text part ``[Image: <caption>]``: how a
+    composed engine (image → caption → chat) tells a chat model that sees no images what they
+    show. ``caption(url)`` is awaited once per distinct image URL (a composed engine asks its
+    captioning model, with ``context.image(url)``'s bytes)."""
+    import msgspec
+
+    from lllms_core.schemas import TextPart
+
+    captions: dict[str, str] = {}
+    for url, _ in chat_image_sources(request):
+        if url not in captions:
+            captions[url] = await caption(url)
+    if not captions:
+        return request
+    messages = []
+    for message in request.messages:
+        if isinstance(message.content, list) and any(isinstance(part, ImageUrlPart) for part in message.content):
+            parts = [
+                TextPart(text=f"[Image: {captions[part.image_url.url]}]") if isinstance(part, ImageUrlPart) else part
+                for part in message.content
+            ]
+            message = msgspec.structs.replace(message, content=parts)
+        messages.append(message)
+    return msgspec.structs.replace(request, messages=messages)

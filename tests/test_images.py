@@ -14,6 +14,7 @@ import random
 import time
 
 import httpx
+import msgspec
 import openai
 import pytest
 import trio
@@ -355,3 +356,26 @@ def test_the_openapi_document_describes_the_image_routes_and_their_answers(serve
     validate("ImagesResponse", body)  # OpenAI's own description of the answer
     status = httpx.get(server.url("/")).json()
     Draft202012Validator({"$ref": "urn:lllms#/components/schemas/ServerStatus"}, registry=registry).validate(status)
+
+
+async def test_describe_images_replaces_each_image_by_its_caption_once():
+    from lllms_core.images import describe_images
+    from lllms_core.schemas import ChatCompletionRequest, message_text
+
+    red, blue = data_url(png(4, 4, (255, 0, 0))), data_url(png(4, 4, (0, 0, 255)))
+    asked: list[str] = []
+
+    async def caption(url: str) -> str:
+        asked.append(url)
+        return "a red square" if url == red else "a blue square"
+
+    request = msgspec.convert({"model": "chat", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": {"url": red}},
+                                     {"type": "text", "text": " and "}, {"type": "image_url", "image_url": {"url": blue}}]},
+        {"role": "assistant", "content": "They differ."},
+        {"role": "user", "content": [{"type": "text", "text": "Again: "}, {"type": "image_url", "image_url": {"url": red}}]},
+    ]}, ChatCompletionRequest)  # fmt: skip
+    described = await describe_images(request, caption)
+    assert asked == [red, blue]
+    assert message_text(described.messages[0]) == "Compare [Image: a red square] and [Image: a blue square]"
+    assert message_text(described.messages[2]) == "Again: [Image: a red square]"
