@@ -228,21 +228,25 @@ def decode_image(data: bytes, config: "ImagesConfig", param: str | None) -> Imag
     return Image(pixels, kind, data, alpha)
 
 
+def decode_data_url(url: str, config: "ImagesConfig", param: str | None) -> Image:
+    """Decode the image of a ``data:`` URL (blocking: base64 and pixels)."""
+    media_type, data = parse_data_url(url, param)
+    if media_type and not media_type.startswith("image/"):
+        raise ImageError(f"a data URL of type {media_type} is not an image", param=param, code="unsupported_image_type")
+    return decode_image(data, config, param)
+
+
 async def load_image(source: str | bytes, config: "ImagesConfig", param: str | None = None) -> Image:
-    """An image from bytes, a data URL or an http(s) URL, checked against ``config``."""
+    """An image from bytes, a data URL or an http(s) URL, checked against ``config``; the
+    decoding runs in a worker thread."""
     if isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
-    elif source[:5].lower() == "data:":
-        media_type, data = parse_data_url(source, param)
-        if media_type and not media_type.startswith("image/"):
-            raise ImageError(
-                f"a data URL of type {media_type} is not an image", param=param, code="unsupported_image_type"
-            )
-    elif urlsplit(source).scheme.lower() in ("http", "https"):
+        return await trio.to_thread.run_sync(decode_image, bytes(source), config, param)
+    if source[:5].lower() == "data:":
+        return await trio.to_thread.run_sync(decode_data_url, source, config, param)
+    if urlsplit(source).scheme.lower() in ("http", "https"):
         data = await fetch_image(source, config, param)
-    else:
-        raise ImageError("an image must be an http(s) URL or a data URL", param=param)
-    return await trio.to_thread.run_sync(decode_image, data, config, param)
+        return await trio.to_thread.run_sync(decode_image, data, config, param)
+    raise ImageError("an image must be an http(s) URL or a data URL", param=param)
 
 
 class RequestImages:
