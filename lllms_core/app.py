@@ -224,7 +224,7 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
     async def status() -> Response:
         if server.pool is None:
             raise ServiceUnavailableError("the server is starting")
-        return json_response(server.status())
+        return json_response(await server.report())
 
     @app.get("/health")
     async def health() -> Response:

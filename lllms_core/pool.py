@@ -213,6 +213,11 @@ class ModelPool:
             "instances": [instance.status() for instance in self.instances.values()],
         }
 
+    def context_keys(self) -> list[ContextKey]:
+        """The contexts this pool holds (so a request continuing one is cheaper here);
+        what a cluster's router compares requests with."""
+        return [slot.context_key for instance in self.instances.values() for slot in instance.slots if slot.context_key]
+
     # --- start and stop -------------------------------------------------------
 
     def _start(self) -> None:

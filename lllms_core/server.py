@@ -202,6 +202,11 @@ class ModelServer:
             "instances": pool["instances"],
         }
 
+    async def report(self) -> dict[str, Any]:
+        """The status report as fresh as it can be had (what ``GET /`` answers): a server
+        whose models run elsewhere asks them here; this one has it at hand."""
+        return self.status()
+
     # --- requests -------------------------------------------------------------
 
     def _resolve(self, task_name: str, request: Any):
