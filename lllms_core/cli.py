@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(serve)
     serve.add_argument("--host", help="address to listen on (default: the config's http.host)")
     serve.add_argument("--port", type=int, help="port to listen on (default: the config's http.port)")
+    serve.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="serve on a Ray cluster, each model as a Ray Serve deployment: join the cluster at ADDRESS "
+        "(default: the config's ray.address, else $RAY_ADDRESS, else start Ray here); needs lllms-ray",
+    )
     serve.set_defaults(handler=serve_command)
 
     pull = commands.add_parser(
@@ -166,6 +174,13 @@ def _console(stderr: bool = False):
 def serve_command(args: argparse.Namespace) -> int:
     config, _ = load(args.config)
     _use_config_log_level(args, config)
+    if args.ray is not None:
+        try:
+            from lllms_ray.deploy import serve as serve_on_ray
+        except ImportError:
+            raise CommandError("--ray needs the lllms-ray plugin: pip install lllms-ray") from None
+        serve_on_ray(config, address=args.ray or None, host=args.host, port=args.port)
+        return 0
     from lllms_core.http import serve
 
     try:
