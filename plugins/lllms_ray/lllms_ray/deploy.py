@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -35,6 +36,9 @@ CONNECT_TIMEOUT = 10.0
 CONSTRUCTOR_ATTEMPTS = 3
 """Replicas Ray Serve starts for a deployment whose replicas fail to start, before the
 deployment has failed (each attempt is a new process, preparing the models again)."""
+
+
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception): ")
 
 
 class ClusterError(LllmsError):
@@ -222,29 +226,33 @@ def deploy(config: Config) -> str:
     deploying.start()
     deploying.join(config.ray.deploy_timeout)
     if deploying.is_alive():
-        reason = _status_message(app)
+        reason = _status_message(app) or "no reason given"
         serve.delete(app)  # ends serve.run's wait
         deploying.join(CONNECT_TIMEOUT)
         raise ClusterError(f"the application {app!r} was not running after {config.ray.deploy_timeout:g} s: {reason}")
     if failure:
-        raise ClusterError(f"deploying {app!r} failed: {_reason(failure[0])}")
+        reason = _status_message(app) or _reason(failure[0])
+        serve.delete(app)
+        raise ClusterError(f"deploying {app!r} failed: {reason}")
     return ingress[0].url.remote().result(timeout_s=CONNECT_TIMEOUT)
 
 
 def _status_message(app: str) -> str:
+    """What Ray Serve says of the application's deployments that are not running."""
     from ray import serve
 
     status = serve.status().applications.get(app)
     if status is None:
-        return "it does not exist"
-    waiting = [f"{name}: {d.message}" for name, d in status.deployments.items() if d.message]
-    return "; ".join(waiting) or status.message or str(status.status)
+        return ""
+    return "; ".join(f"{name}: {_reason(d.message)}" for name, d in status.deployments.items() if d.message)
 
 
-def _reason(error: BaseException) -> str:
-    """The last line of Ray's message, which names the replica's own error."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+def _reason(message: object) -> str:
+    """The replica's own error in a Ray message (the last line naming an exception, after
+    Ray's traceback), else its last line."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    errors = [line for line in lines if EXCEPTION_LINE.match(line)]
+    return errors[-1] if errors else lines[-1] if lines else type(message).__name__
 
 
 def undeploy(config: Config) -> None:

@@ -66,16 +66,16 @@ async def serve_models(server: ModelServer, task_status=trio.TASK_STATUS_IGNORED
     try:
         async with server:
             missing = unready_models(server)
-            if missing:
-                reason = failures.messages[-1] if failures.messages else "see the replica's log"
-                raise ModelLoadError(f"model {missing[0]!r} did not load on this replica: {reason}")
-            for logger in loggers:
-                logger.removeHandler(failures)
-            task_status.started()
-            await trio.sleep_forever()
+            if not missing:
+                for logger in loggers:
+                    logger.removeHandler(failures)
+                task_status.started()
+                await trio.sleep_forever()
     finally:
         for logger in loggers:
             logger.removeHandler(failures)
+    reason = failures.messages[-1] if failures.messages else "see the replica's log"
+    raise ModelLoadError(f"model {missing[0]!r} did not load on this replica: {reason}")
 
 
 def unready_models(server: ModelServer) -> list[str]:

@@ -141,9 +141,15 @@ def in_one_deployment(config: dict) -> dict:
 
 
 @pytest.fixture(scope="session")
+def deploy_on_cluster(ray_cluster) -> Callable[..., RayServer]:
+    """``deploy_on_cluster(config, name=None)``: the configuration deployed as it is."""
+    return deploy_app
+
+
+@pytest.fixture(scope="module")
 def server_factory(ray_cluster) -> Iterator[Callable[[Any], RayServer]]:
     """``server_factory(config)``, as in the core tests: the configuration served by the
-    cluster (its models in one deployment), until the end of the session."""
+    cluster (its models in one deployment), until the end of the test module."""
     servers: list[RayServer] = []
 
     def start(config: dict) -> RayServer:
@@ -156,7 +162,7 @@ def server_factory(ray_cluster) -> Iterator[Callable[[Any], RayServer]]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def api_server(server_factory) -> RayServer:
     """The core API tests' server (see tests/conftest.py), on the cluster."""
     return server_factory(
