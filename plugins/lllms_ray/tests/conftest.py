@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
+from helpers.api_models import API_SERVER_CONFIG
+
 from lllms_core.config import load_config
 
 NODE_OBJECT_STORE = 80 * 1024 * 1024
@@ -165,16 +167,4 @@ def server_factory(ray_cluster) -> Iterator[Callable[[Any], RayServer]]:
 @pytest.fixture(scope="module")
 def api_server(server_factory) -> RayServer:
     """The core API tests' server (see tests/conftest.py), on the cluster."""
-    return server_factory(
-        {
-            "server": {"concurrency": 8},
-            "http": {"keepalive_interval": 0.1},
-            "models": {
-                "chat": {"engine": "fake", "slots": 4},
-                "slow": {"engine": "fake", "token_delay": 0.05, "reply": " ".join(["word"] * 200)},
-                "lazy": {"engine": "fake", "load_delay": 0.5, "ttl": 0},
-                "embed": {"engine": "fake", "task": "embedding"},
-                "whisper": {"engine": "fake", "task": "speech-to-text"},
-            },
-        }
-    )
+    return server_factory(API_SERVER_CONFIG)
