@@ -16,6 +16,7 @@ share one thread, so a call across costs a callback on the loop, not a thread sw
 from __future__ import annotations
 
 import asyncio
+import os
 import math
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -40,7 +41,7 @@ class TrioPortal:
         """Done once trio has stopped; its exception, if trio failed."""
 
     @classmethod
-    async def start(cls, mode: str = "guest") -> "TrioPortal":
+    async def start(cls, mode: str = os.environ.get("LLLMS_PORTAL_MODE", "guest")) -> "TrioPortal":
         """Start trio in guest mode on the running asyncio loop (or in a thread)."""
         loop = asyncio.get_running_loop()
         portal = cls(loop)
@@ -164,7 +165,15 @@ class TrioPortal:
             else:
                 push(_End())
 
+        def ended(producer: asyncio.Future) -> None:
+            # produce() ends the stream itself, unless trio could not run it at all
+            if producer.cancelled():
+                items.put_nowait(_End(RuntimeError("trio stopped")))
+            elif producer.exception() is not None:
+                items.put_nowait(_End(producer.exception()))
+
         producer = asyncio.ensure_future(self.run(produce))
+        producer.add_done_callback(ended)
         try:
             while True:
                 batch = [await items.get()]

@@ -63,14 +63,6 @@ class ClusterPool:
             for deployment, models in self.models.items()
         )
 
-    @property
-    def processing(self) -> int:
-        return self.status()["processing"]
-
-    @property
-    def queued(self) -> int:
-        return self.status()["queued"]
-
     def status(self) -> dict[str, Any]:
         """From the replicas' last reports (at most ``stats_period`` old)."""
         return self._merge(
