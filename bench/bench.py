@@ -115,6 +115,7 @@ class Bench:
             "tokens": tokens,
             "token_source": "usage" if usage is not None else "chunks",
             "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+            "cached_tokens": cached_tokens(usage),
             "ttft_s": None if first_token_at is None else first_token_at - start,
             "start_s": start,
             "wall_s": end - start,
@@ -234,6 +235,12 @@ class Bench:
             "mean_follow_up_ttft_s": mean_or_none(follow_ups),
             "follow_ups_with_token": sum(t is not None for t in follow_ups),
             "follow_ups": len(follow_ups),
+            # follow-ups with at least the previous turn's whole prompt cached: they found
+            # their history (needs a server that reports cached tokens)
+            "follow_ups_reusing_history": sum(
+                1 for conv in conversations for previous, r in zip(conv, conv[1:])
+                if previous["prompt_tokens"] and r["cached_tokens"] >= previous["prompt_tokens"]
+            ),
             "max_follow_up_ttft_s": max_or_none(follow_ups),
             "mean_ttft_s_per_turn": per_turn,
             "empty": sum(r["empty"] and not r["error"] for r in flat),
@@ -356,6 +363,11 @@ def process_tree(pid):
         except OSError:
             pass
     return pids
+
+
+def cached_tokens(usage):
+    details = getattr(usage, "prompt_tokens_details", None) if usage is not None else None
+    return getattr(details, "cached_tokens", None) or 0
 
 
 def round_or_none(x, digits=3):

@@ -19,7 +19,6 @@ import re
 import signal
 import socket
 import threading
-import time
 from typing import Any
 
 from lllms_core.config import Config, ModelConfig, load_config

@@ -40,6 +40,9 @@ log = logging.getLogger("lllms.ray")
 
 ATTEMPTS = 3
 """Replicas a request is sent to before a failure of its replica is the request's."""
+REPLICA_WAIT = 60.0
+"""Seconds a request for a model none of whose replicas runs waits for one (a replica
+being replaced) before it is answered 503, instead of waiting for ever."""
 REPLICA_FAILURES = (RayActorError, ActorUnavailableError)
 
 
@@ -107,6 +110,7 @@ class ClusterServer(ModelServer):
             try:
                 with self._deadline():
                     for _ in range(ATTEMPTS):
+                        await self._wait_for_a_replica(model_id)
                         try:
                             result = await self._attempt(model_id, task_name, request, relay)
                         except Resend:
@@ -124,6 +128,17 @@ class ClusterServer(ModelServer):
             if not relay.accepted:
                 raise error  # from nursery.start: the route answers it with its status
             stream._fail(error)
+
+    async def _wait_for_a_replica(self, model_id: str) -> None:
+        """Return once the model's deployment has a running replica; a deployment that may
+        scale to zero starts one for a request, so it is not waited for."""
+        if self.config.models[model_id].replicas.min == 0:
+            return
+        with trio.move_on_after(REPLICA_WAIT):
+            while not self.pool.running(model_id):
+                await trio.sleep(0.25)
+            return
+        raise ReplicaFailedError(f"no replica of model {model_id!r} has run for {REPLICA_WAIT:g} s; try again later")
 
     async def _attempt(self, model_id, task_name, request, relay: "Relay") -> CompletionResult:
         """Send the request to a replica and relay its answer."""
@@ -160,6 +175,7 @@ class ClusterServer(ModelServer):
         try:
             with self._deadline():
                 for _ in range(ATTEMPTS):
+                    await self._wait_for_a_replica(model.id)
                     try:
                         answer = await self.portal.run_asyncio(remote_call, handle, task_name, request)
                     except BackPressureError:

@@ -3,6 +3,9 @@
 A replica's methods run on an asyncio loop; lllms' core is trio. A :class:`TrioPortal`
 runs trio in guest mode on that loop (:func:`trio.lowlevel.start_guest_run`): both
 share one thread, so a call across costs a callback on the loop, not a thread switch.
+(Measured against trio in a thread of its own, streaming through a replica and the
+ingress cost the same CPU per token; one thread is simpler. Calls across still go through
+``call_soon_threadsafe`` and ``run_sync_soon``, which guest mode needs from callbacks.)
 
 - asyncio → trio: ``await portal.run(trio_fn, *args)``; ``await portal.start_soon(trio_fn, *args)``
   for a service (``nursery.start``); ``portal.stream(trio_fn, *args)``
@@ -16,7 +19,6 @@ share one thread, so a call across costs a callback on the loop, not a thread sw
 from __future__ import annotations
 
 import asyncio
-import os
 import math
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -41,28 +43,18 @@ class TrioPortal:
         """Done once trio has stopped; its exception, if trio failed."""
 
     @classmethod
-    async def start(cls, mode: str = os.environ.get("LLLMS_PORTAL_MODE", "guest")) -> "TrioPortal":
-        """Start trio in guest mode on the running asyncio loop (or in a thread)."""
+    async def start(cls) -> "TrioPortal":
+        """Start trio in guest mode on the running asyncio loop."""
         loop = asyncio.get_running_loop()
         portal = cls(loop)
         started = loop.create_future()
-        if mode == "guest":
-            trio.lowlevel.start_guest_run(
-                portal._main,
-                started,
-                run_sync_soon_threadsafe=loop.call_soon_threadsafe,
-                done_callback=lambda outcome: loop.call_soon_threadsafe(portal._done, outcome),
-                host_uses_signal_set_wakeup_fd=False,
-            )
-        else:
-            import outcome
-            import threading
-
-            def run() -> None:
-                result = outcome.capture(trio.run, portal._main, started)
-                loop.call_soon_threadsafe(portal._done, result)
-
-            threading.Thread(target=run, name="trio", daemon=True).start()
+        trio.lowlevel.start_guest_run(
+            portal._main,
+            started,
+            run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+            done_callback=lambda outcome: loop.call_soon_threadsafe(portal._done, outcome),
+            host_uses_signal_set_wakeup_fd=False,
+        )
         await started
         return portal
 

@@ -3,7 +3,8 @@
 :class:`PrefixRouter` sends a request to the replica holding the longest prefix of its
 context key (the chain of hashes of :mod:`lllms_core.context`), unless that replica has
 more than ``imbalance`` ongoing requests above the least loaded one; without a prefix
-anywhere, to the least loaded replica. A replica's contexts come from its routing stats
+anywhere, to the least loaded replica (counting the requests it chose replicas for itself,
+so that requests arriving together spread at once). A replica's contexts come from its routing stats
 (its pool's :meth:`~lllms_core.pool.ModelPool.context_keys`, reported every
 ``stats_period``) and, until a report can show them, from the requests this router sent
 it. :class:`PowerOfTwoRouter` is Ray Serve's default policy.
@@ -25,6 +26,9 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 SENT_MEMORY = 2048
 """Context hashes remembered per replica from the requests sent to it."""
+CHOICE_TTL = 5.0
+"""Seconds a choice counts as load on its replica before the request is seen routed
+(a request cancelled while it waited for a replica is never seen again)."""
 
 
 class Registered:
@@ -48,6 +52,10 @@ class PrefixRouter(Registered, RequestRouter):
         self._sent: dict[ReplicaID, dict[str, tuple[int, float]]] = {}
         """Per replica: hash → (depth, forget after) of the contexts of requests sent to it."""
         self._in_flight: dict[str, tuple[ReplicaID, tuple[str, ...]]] = {}
+        self._ongoing: dict[str, tuple[ReplicaID, float]] = {}
+        """Request id → (the replica chosen for it, until when the choice counts): this
+        router's own count of each replica's requests, exact at once, where Ray's queue
+        lengths lag behind requests routed at the same moment."""
 
     # --- what each replica holds --------------------------------------------------
 
@@ -78,8 +86,11 @@ class PrefixRouter(Registered, RequestRouter):
         return 0
 
     def load(self, replica: RunningReplica) -> int:
-        """Ongoing requests of the replica, as this router last knew them."""
-        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+        """Ongoing requests of the replica: those this router chose it for, or what the
+        replica last said (which counts other routers' requests too), the larger."""
+        now = time.monotonic()
+        mine = sum(1 for chosen, until in self._ongoing.values() if chosen == replica.replica_id and until > now)
+        return max(mine, self.replica_queue_len_cache.get(replica.replica_id) or 0)
 
     # --- the policy -----------------------------------------------------------------
 
@@ -88,9 +99,12 @@ class PrefixRouter(Registered, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:  # chosen again (its replica refused it): not load
+            self._ongoing.pop(pending_request.metadata.internal_request_id, None)
         loads = {replica.replica_id: self.load(replica) for replica in candidate_replicas}
         by_load = sorted(candidate_replicas, key=lambda replica: (loads[replica.replica_id], random.random()))
         key = tuple(pending_request.kwargs.get("routing_key") or ()) if pending_request else ()
+        ranks = [[replica] for replica in by_load]
         if key:
             least = loads[by_load[0].replica_id]
             matches = {
@@ -101,12 +115,17 @@ class PrefixRouter(Registered, RequestRouter):
             best = max(matches.values(), default=0)
             if best:
                 holders = [replica for replica in by_load if matches.get(replica.replica_id) == best]
-                return [holders, [replica for replica in by_load if replica not in holders]]
-        return [by_load]
+                ranks = [holders, *([replica] for replica in by_load if replica not in holders)]
+        if pending_request is not None:
+            self._ongoing[pending_request.metadata.internal_request_id] = (
+                ranks[0][0].replica_id, time.monotonic() + CHOICE_TTL
+            )
+        return ranks
 
     # --- remembering what was sent ----------------------------------------------------
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._ongoing[pending_request.metadata.internal_request_id] = (replica_id, float("inf"))
         key = tuple(pending_request.kwargs.get("routing_key") or ())
         if not key:
             return
@@ -119,6 +138,12 @@ class PrefixRouter(Registered, RequestRouter):
         self._in_flight[pending_request.metadata.internal_request_id] = (replica_id, key)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        chosen = self._ongoing.get(internal_request_id)
+        if chosen is not None and chosen[0] == replica_id:  # not a rejection followed by a new choice
+            del self._ongoing[internal_request_id]
+        now = time.monotonic()
+        for request_id in [r for r, (_, until) in self._ongoing.items() if until <= now]:
+            del self._ongoing[request_id]
         routed = self._in_flight.pop(internal_request_id, None)
         if routed is None:
             return
@@ -132,6 +157,8 @@ class PrefixRouter(Registered, RequestRouter):
         super().on_replica_actor_died(replica_id)
         self._sent.pop(replica_id, None)
         self._reported.pop(replica_id, None)
+        for request_id in [r for r, (chosen, _) in self._ongoing.items() if chosen == replica_id]:
+            del self._ongoing[request_id]
 
 
 class PowerOfTwoRouter(Registered, PowerOfTwoChoicesRequestRouter):

@@ -54,6 +54,12 @@ class ClusterPool:
             found[deployment] = list(router.curr_replicas.values()) if router is not None else []
         return found
 
+    def running(self, model_id: str) -> bool:
+        """Whether the model's deployment has a running replica."""
+        deployment = self.config.models[model_id].replicas.group or model_id
+        router = ROUTERS.get((self.app, deployment))
+        return router is not None and bool(router.curr_replicas)
+
     @property
     def ready(self) -> bool:
         """Every model that must keep a replica has one running."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import signal
 import subprocess
 import sys
 import time
@@ -131,25 +131,28 @@ def test_the_openai_client_chats_and_streams_with_replicas(client, http):
 
 
 def test_follow_up_turns_land_on_the_replica_holding_their_prefix(client):
-    # 8 conversations at once on 2 replicas of 4 slots each; every follow-up turn should
-    # find its history in the slot of the replica that answered the turn before
-    def converse(number: int) -> list[int]:
+    # 8 conversations at once on 2 replicas of 4 slots each. A follow-up turn that lands on
+    # the replica holding its history has at least the previous turn's whole prompt cached;
+    # elsewhere only what every prompt shares (SmolLM2's default system prompt) is cached.
+    def converse(number: int) -> list[tuple[int, int]]:
         messages = [{"role": "user", "content": f"Conversation {number}: tell me about the number {number * 37}."}]
-        cached = []
+        follow_ups, previous_prompt = [], None
         for turn in range(3):
             answer = client.chat.completions.create(model="smol", messages=messages, max_tokens=12, temperature=0)
-            if turn:
-                cached.append(answer.usage.prompt_tokens_details.cached_tokens)
+            if previous_prompt is not None:
+                follow_ups.append((answer.usage.prompt_tokens_details.cached_tokens, previous_prompt))
+            previous_prompt = answer.usage.prompt_tokens
             messages += [
                 {"role": "assistant", "content": answer.choices[0].message.content},
                 {"role": "user", "content": f"And then what about {number + turn}?"},
             ]
-        return cached
+        return follow_ups
 
     with ThreadPoolExecutor(8) as pool:
-        follow_ups = [cached for conversation in pool.map(converse, range(8)) for cached in conversation]
-    reused = sum(1 for cached in follow_ups if cached > 0)
-    assert reused >= 0.9 * len(follow_ups), f"only {reused} of {len(follow_ups)} follow-up turns reused their prefix"
+        follow_ups = [turn for conversation in pool.map(converse, range(8)) for turn in conversation]
+    assert all(cached > 0 for cached, _ in follow_ups)
+    on_their_replica = sum(1 for cached, previous_prompt in follow_ups if cached >= previous_prompt)
+    assert on_their_replica >= 0.9 * len(follow_ups), f"{on_their_replica} of {len(follow_ups)} follow-ups found their history"
 
 
 def test_a_model_scales_to_its_maximum_under_load_and_back_when_idle(http):
@@ -232,6 +235,32 @@ def test_a_stream_whose_replica_dies_ends_with_an_error_event(client, http):
     error = json.loads(rest[-1][len("data: "):])["error"]
     assert error["code"] == "replica_failed" and "incomplete" in error["message"]
     wait_until(lambda: len(replicas_of(http, "smol")) == 2, 120, "a new replica to replace the killed one")
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def test_lllms_serve_ray_deploys_serves_and_removes_the_application(ray_cluster, tmp_path):
+    from ray import serve
+
+    config = tmp_path / "lllms.toml"
+    config.write_text('[http]\nport = 0\n\n[ray]\napp = "command"\n\n[models.chat]\nengine = "fake"\nreplicas = { cpus = 0.1 }\n')
+    command = [sys.executable, "-m", "lllms_core.cli", "serve", "--config", str(config), "--ray", ray_cluster.address]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("lllms: serving on http://127.0.0.1:"), process.stderr.read()
+        url = line.split()[3]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content == "You said: hi"
+        assert "command" in serve.status().applications
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+    assert "command" not in serve.status().applications
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=5)
 
 
 # --- bad addresses and configurations ----------------------------------------------------

@@ -46,7 +46,7 @@ async def test_a_follow_up_goes_to_the_replica_holding_its_history():
     replicas = [replica("a", chat_key(HISTORY)), replica("b", chat_key([SYSTEM])), replica("c")]
     follow_up = request(*HISTORY, UserMessage(content="And in France?"))
     ranks = names(await router.choose_replicas(replicas, follow_up))
-    assert ranks[0] == ["a"] and sorted(ranks[1]) == ["b", "c"]
+    assert ranks[0] == ["a"] and sorted(ranks[1:]) == [["b"], ["c"]]
     # a new conversation with the same system prompt: the replicas holding it, least loaded
     # first, before the one that would evaluate it again
     ranks = names(await router.choose_replicas(replicas, request(SYSTEM, UserMessage(content="Hi"))))
@@ -58,14 +58,24 @@ async def test_a_holder_loaded_beyond_the_threshold_gives_way_to_the_least_loade
     follow_up = request(*HISTORY, UserMessage(content="More?"))
     assert names(await make_router(imbalance=2, a=3, b=1, c=2).choose_replicas(replicas, follow_up))[0] == ["a"]
     ranks = names(await make_router(imbalance=2, a=4, b=1, c=2).choose_replicas(replicas, follow_up))
-    assert ranks == [["b", "c", "a"]]  # one rank, least loaded first
+    assert ranks == [["b"], ["c"], ["a"]]  # least loaded first
 
 
 async def test_a_request_without_a_known_prefix_or_key_goes_to_the_least_loaded():
     router = make_router(a=2, b=0)
     replicas = [replica("a", chat_key(HISTORY)), replica("b")]
-    assert names(await router.choose_replicas(replicas, request(UserMessage(content="New topic")))) == [["b", "a"]]
-    assert names(await router.choose_replicas(replicas, SimpleNamespace(kwargs={}))) == [["b", "a"]]
+    assert names(await router.choose_replicas(replicas, request(UserMessage(content="New topic")))) == [["b"], ["a"]]
+    assert names(await router.choose_replicas(replicas, None)) == [["b"], ["a"]]
+
+
+async def test_requests_arriving_together_spread_before_any_replica_reports_them():
+    router = make_router(a=0, b=0)
+    replicas = [replica("a"), replica("b")]
+    chosen = [
+        names(await router.choose_replicas(replicas, request(UserMessage(content=f"Topic {n}"), number=n)))[0][0]
+        for n in range(4)
+    ]
+    assert sorted(chosen) == ["a", "a", "b", "b"]
 
 
 async def test_a_sent_request_is_remembered_until_its_replica_can_report_it():
@@ -76,5 +86,5 @@ async def test_a_sent_request_is_remembered_until_its_replica_can_report_it():
     follow_up = request(UserMessage(content="Tell me a story."), AssistantMessage(content="Once..."), UserMessage(content="Go on"))
     assert names(await router.choose_replicas(replicas, follow_up))[0] == ["b"]
     router.on_request_completed("b", "request-1")
-    [rank] = names(await router.choose_replicas(replicas, follow_up))
-    assert sorted(rank) == ["a", "b"]
+    ranks = names(await router.choose_replicas(replicas, follow_up))
+    assert sorted(ranks) == [["a"], ["b"]]
