@@ -197,6 +197,10 @@ class Bench:
             # conversation keeps the same shape.
             messages.append({"role": "assistant", "content": result["text"] or "..."})
             messages.append({"role": "user", "content": follow_up_question(self.rng)})
+            if self.args.think_time and turn + 1 < turns:
+                # a person reads the answer before asking on: the next turn arrives
+                # independently of what the server is doing
+                await asyncio.sleep(self.rng.uniform(0, self.args.think_time))
         return results
 
     async def growing_chat(self):
@@ -460,6 +464,8 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--conversations", type=int, default=8)
+    p.add_argument("--think-time", type=float, default=0, metavar="SECONDS",
+                   help="pause a random 0 to SECONDS between a conversation's turns (default: none)")
     p.add_argument("--figures", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",

@@ -10,9 +10,12 @@ server at a time, runs bench/bench.py against:
   ray-default    the same with Ray Serve's default router (power of two choices)
 
 one-node and ray-1 give the one-stream figure (tokens/s of one stream at a time);
-ray-prefix and ray-default the conversations figure (8 conversations of 6 turns at once:
+ray-prefix and ray-default the conversations figure (8 conversations of 6 turns at once,
+a random pause of up to --think-time seconds between turns, as people reading answers:
 mean time to first token of the follow-up turns, and how many follow-ups reused their
-history). With --kill-after SECONDS, one replica of ray-prefix is killed that long into
+history). Without the pauses, conversations run in lockstep and the replica that has just
+answered a conversation is the less loaded one when its next turn comes, so Ray's default
+router sends it back there by chance. With --kill-after SECONDS, one replica of ray-prefix is killed that long into
 its conversations: the figure then also says how many turns failed (none should).
 
 Every model decodes on one thread (`device.cpu_threads = 1`, the default on a 2-core
@@ -116,7 +119,7 @@ def bench(url: str, label: str, figures: str, args) -> dict:
     command = [
         sys.executable, str(HERE / "bench.py"), "--base-url", url + "/v1", "--model", "smollm2",
         "--label", label, "--figures", figures, "--pid", str(os.getpid()),
-        "--turns", str(args.turns), "--conversations", str(args.conversations),
+        "--turns", str(args.turns), "--conversations", str(args.conversations), "--think-time", str(args.think_time),
     ]
     if args.wait_quiet:
         command += ["--wait-quiet", str(args.wait_quiet)]
@@ -209,6 +212,9 @@ def parse_args(argv=None):
                    help="passed to bench.py: wait up to SECONDS for other processes to go quiet before each figure")
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--conversations", type=int, default=8)
+    p.add_argument("--think-time", type=float, default=4.0, metavar="SECONDS",
+                   help="pause a random 0 to SECONDS between a conversation's turns (default 4): without it, "
+                   "8 conversations in lockstep make 'least loaded' mean 'the replica that just answered'")
     p.add_argument("--kill-after", type=float, default=0, metavar="SECONDS",
                    help="kill one replica of ray-prefix this long into its conversations")
     return p.parse_args(argv)
