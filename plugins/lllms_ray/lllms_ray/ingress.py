@@ -169,7 +169,9 @@ class ClusterServer(ModelServer):
 
     # --- other tasks -----------------------------------------------------------------
 
-    async def _run(self, task_name: str, request: Any):
+    async def _run(self, task_name: str, request: Any, method: str | None = None):
+        # ``method`` (the core's own way of doing a task) runs on the replica: it is asked
+        # for the task, as a ModelServer is, and does it as one does
         model, engine, task, request = self._resolve(task_name, request)
         handle = self.handles[model.id]
         try:

@@ -115,10 +115,17 @@ class ModelReplica:
         except LllmsError as error:
             push(Failure(error))
             return
-        push(CompletionResult(finish_reasons=[choice.finish_reason for choice in stream.choices], usage=stream.usage))
+        push(
+            CompletionResult(
+                finish_reasons=[choice.finish_reason for choice in stream.choices],
+                usage=stream.usage,
+                stop_sequences=[choice.stop_sequence for choice in stream.choices],
+            )
+        )
 
     async def run(self, task_name: str, request: Any) -> Any:
-        """A task answered at once (embedding, transcription...): its result or a Failure."""
+        """A task answered at once (embedding, rerank, tokenize, transcription...): the
+        ModelServer method of that name's result, or a Failure."""
         method = getattr(self.server, task_name.replace("-", "_"))
         try:
             return await self.portal.run(method, request)

@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import RunningReplica
 
 from lllms_core.config import Config
+from lllms_core.errors import LllmsError
 
 from lllms_ray.portal import TrioPortal
 
@@ -31,8 +32,18 @@ MODEL_STATES = ("ready", "preparing", "error", "unprepared")
 """A model's state over its replicas: the first of these that any replica reports."""
 
 
+class NotOnAClusterError(LllmsError):
+    status = 501
+    type = "server_error"
+    code = "not_on_a_cluster"
+
+
 class ClusterPool:
-    """The replicas of the models' deployments, seen as the one pool of a ModelServer."""
+    """The replicas of the models' deployments, seen as the one pool of a ModelServer.
+
+    What only one machine's pool has (its instances, a slot to hold) is refused with a
+    501 that says so, for the routes that reach for it (Ollama's ``/api/ps`` and loading
+    or unloading with ``keep_alive``)."""
 
     def __init__(self, config: Config, handles: dict[str, DeploymentHandle], portal: TrioPortal):
         self.config = config
@@ -53,6 +64,13 @@ class ClusterPool:
             router = ROUTERS.get((self.app, deployment))
             found[deployment] = list(router.curr_replicas.values()) if router is not None else []
         return found
+
+    @property
+    def instances(self):
+        raise NotOnAClusterError("this route reads one machine's loaded instances; on a cluster, GET / reports every replica's")
+
+    def acquire(self, *args: Any, **kwargs: Any):
+        raise NotOnAClusterError("this route holds a slot of one machine's pool; on a cluster, replicas keep their models loaded")
 
     def running(self, model_id: str) -> bool:
         """Whether the model's deployment has a running replica."""

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from helpers.api_models import API_SERVER_CONFIG
+from helpers.api_models import API_SERVER_CONFIG, APIS_SERVER_CONFIG
 
 from lllms_core.config import load_config
 
@@ -168,3 +168,12 @@ def server_factory(ray_cluster) -> Iterator[Callable[[Any], RayServer]]:
 def api_server(server_factory) -> RayServer:
     """The core API tests' server (see tests/conftest.py), on the cluster."""
     return server_factory(API_SERVER_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def apis_server(ray_cluster) -> Iterator[RayServer]:
+    """The core's other-API tests' server (see tests/conftest.py), on the cluster, shared by
+    this session's modules for those APIs."""
+    server = deploy_app(in_one_deployment(APIS_SERVER_CONFIG))
+    yield server
+    server.stop()
