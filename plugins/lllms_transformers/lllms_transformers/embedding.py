@@ -12,9 +12,15 @@ from pathlib import Path
 
 import torch
 
-from lllms_core.errors import InvalidRequestError, ModelLoadError, UnsupportedParameterError
-from lllms_core.images import RequestImages, is_image_data_url
-from lllms_core.schemas import EmbeddingRequest, EmbeddingResult
+from lllms_core.plugin_api import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    InvalidRequestError,
+    ModelLoadError,
+    RequestImages,
+    UnsupportedParameterError,
+    is_image_data_url,
+)
 
 BATCH = 32
 """Inputs embedded in one forward pass."""

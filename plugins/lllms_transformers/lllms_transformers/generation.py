@@ -39,17 +39,16 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from lllms_core.context import common_prefix
-from lllms_core.engine import StopStringFilter
-from lllms_core.errors import ContextLengthExceededError, InvalidRequestError
-from lllms_core.samplers import requested_logits_processors
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     AssistantMessage,
     ChatCompletionRequest,
     CompletionChunk,
     CompletionResult,
+    ContextLengthExceededError,
     DeveloperMessage,
+    InvalidRequestError,
     RefusalPart,
+    StopStringFilter,
     SystemMessage,
     TextCompletionRequest,
     TextPart,
@@ -59,7 +58,9 @@ from lllms_core.schemas import (
     TopLogprob,
     Usage,
     UserMessage,
+    common_prefix,
     message_text,
+    requested_logits_processors,
 )
 from lllms_transformers import structured, vision
 
