@@ -74,10 +74,13 @@ class BackgroundServer:
         finally:
             self._started.set()
 
-    def start(self, timeout: float = 60) -> "BackgroundServer":
+    def start(self, timeout: float = 300) -> "BackgroundServer":
+        """Start serving; wait until the port is bound and, for a ModelServer that waits
+        for it, its start-up models are loaded (``timeout``: a bound against hangs)."""
         self._thread.start()
         if not self._started.wait(timeout):
-            raise RuntimeError("the test server did not start in time")
+            self.stop()
+            raise RuntimeError(f"the test server did not start within {timeout} s")
         if self.port is None:
             raise RuntimeError("the test server failed to start") from self.error
         return self
