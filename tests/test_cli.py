@@ -102,6 +102,30 @@ def test_plugins_lists_the_fake_engine_and_a_plugin_that_failed_to_load(tmp_path
     assert "Failed to load" in table.stdout and "needs libfoo" in table.stdout
 
 
+def test_two_plugins_registering_one_engine_name_is_an_error_naming_both(tmp_path):
+    site = tmp_path / "site"
+    info = site / "lllms_twin-0.2.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lllms-twin\nVersion: 0.2\n")
+    (info / "entry_points.txt").write_text("[lllms]\ntwin = lllms_twin\n")
+    (site / "lllms_twin.py").write_text(
+        "from lllms_core.plugin_api import hookimpl\n"
+        "from lllms_core.testing.fake import FakeEngine\n\n"
+        "class Twin(FakeEngine):\n    pass\n\n"
+        "@hookimpl\ndef register_engines(register):\n    register(Twin)\n"
+    )
+    env = {"PYTHONPATH": str(site)}
+    for args in (["plugins"], ["run", "m", "hi"]):
+        result = lllms(*args, env=env)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "engine 'fake' is registered by two plugins" in result.stderr
+        assert "'fake' (lllms-fake-engine 0.1.0)" in result.stderr and "'twin' (lllms-twin 0.2)" in result.stderr
+    chosen = lllms("plugins", "--json", env={**env, "LLLMS_PLUGINS": "fake"})
+    assert chosen.returncode == 0, chosen.stderr
+    assert [engine["plugin"] for engine in json.loads(chosen.stdout)["engines"]] == ["fake"]
+
+
 def test_run_streams_the_answer_of_a_chat_model_and_of_a_text_model(tmp_path, cache):
     config = write_config(
         tmp_path / "lllms.toml",

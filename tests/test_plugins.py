@@ -12,11 +12,13 @@ import pytest
 from lllms_core import hookspecs
 from lllms_core.errors import UnsupportedParameterError
 from lllms_core.hookspecs import hookimpl
-from lllms_core.plugins import get_plugin_manager
+from lllms_core.plugins import PluginConflictError, get_plugin_manager
 from lllms_core.samplers import Sampler, check_request
 from lllms_core.schemas import ChatCompletionRequest, Request
 from lllms_core.server import ModelServer
 from lllms_core.tasks import Task
+from lllms_core.testing import fake, plugin_manager
+from lllms_core.testing.fake import FakeEngine
 
 ROOT = Path(__file__).parent.parent
 HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("register_"))
@@ -110,6 +112,31 @@ def test_a_builtin_sampler_the_engine_lacks_is_refused_naming_parameter_and_engi
     assert refused.value.param == "top_k"
     assert refused.value.status == 400
     assert "'fake'" in refused.value.message
+
+
+class Twin:
+    """A second plugin registering names the fake engine's plugin and the built-ins have."""
+
+    @hookimpl
+    def register_engines(self, register):
+        register(type("Twin", (FakeEngine,), {}))
+
+    @hookimpl
+    def register_samplers(self, register):
+        register(Sampler(name="temperature", parameters=("temperature",)))
+
+
+def test_two_plugins_registering_one_name_is_an_error_naming_both():
+    manager = plugin_manager(fake, Twin())
+    with pytest.raises(PluginConflictError) as engine:
+        manager.engines
+    assert "engine 'fake' is registered by two plugins" in engine.value.message
+    assert "lllms_core.testing.fake" in engine.value.message and "Twin" in engine.value.message
+    with pytest.raises(PluginConflictError) as sampler:
+        manager.samplers
+    assert "sampler 'temperature'" in sampler.value.message and "'lllms.samplers'" in sampler.value.message
+    with pytest.raises(PluginConflictError):
+        ModelServer({"models": {"m": {"engine": "fake"}}}, plugins=manager)
 
 
 @pytest.mark.parametrize("hook", HOOKS)
