@@ -278,6 +278,13 @@ def _load_model(model_id: str, spec: Any, plugins) -> ModelConfig:
     for name in model.completion_defaults:
         if name not in plugins.completion_parameters:
             raise ConfigError(f"{where}: completion_defaults has unknown parameter {name!r}")
+        sampler = next((s for s in plugins.samplers.values() if name in s.parameters), None)
+        if sampler is not None and sampler.name not in engine.capabilities and not (
+            sampler.logits_processor is not None and engine.logits_processors
+        ):
+            raise ConfigError(
+                f"{where}: completion_defaults sets {name!r}, but engine {engine_name!r} cannot apply the sampler {sampler.name!r}"
+            )
     from lllms_core.schemas import TextCompletionRequest
 
     try:

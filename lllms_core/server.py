@@ -73,6 +73,18 @@ def validation_error(error: msgspec.ValidationError) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
 
 
+def with_defaults(request: Any, defaults: dict[str, Any]) -> Any:
+    """``request`` with a model's ``completion_defaults`` where it is silent: request fields
+    that are unset, and plugin sampler parameters absent from ``plugin_parameters``."""
+    fields = request.__struct_fields__
+    unset = {name: value for name, value in defaults.items() if name in fields and getattr(request, name) is None}
+    if "plugin_parameters" in fields:
+        plugin = {name: value for name, value in defaults.items() if name not in fields}
+        if plugin.keys() - request.plugin_parameters.keys():
+            unset["plugin_parameters"] = {**plugin, **request.plugin_parameters}
+    return msgspec.structs.replace(request, **unset) if unset else request
+
+
 class CompletionStream:
     """The chunks of one completion as they are generated, then its result.
 
@@ -224,8 +236,7 @@ class ModelServer:
                 f"model {model.id!r} is a {model.task} model; it does not serve {task_name}", param="model"
             )
         if model.completion_defaults:
-            unset = {k: v for k, v in model.completion_defaults.items() if getattr(request, k, 0) is None}
-            request = msgspec.structs.replace(request, **unset)
+            request = with_defaults(request, model.completion_defaults)
         engine = self.engines[model.engine]
         if task_name in ANY_MODEL_TASKS and not engine.implements(task.method):
             raise engine.unsupported("model", task_name.replace("-", " "))

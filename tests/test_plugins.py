@@ -3,6 +3,7 @@ that every hook is documented and tested."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import msgspec
 import pytest
 
 from lllms_core import hookspecs
-from lllms_core.errors import UnsupportedParameterError
+from lllms_core.config import load_config
+from lllms_core.errors import ConfigError, UnsupportedParameterError
 from lllms_core.hookspecs import hookimpl
 from lllms_core.plugins import PluginConflictError, get_plugin_manager
 from lllms_core.samplers import Sampler, check_request
-from lllms_core.schemas import ChatCompletionRequest, Request
+from lllms_core.schemas import ChatCompletionRequest, CompletionChunk, CompletionResult, Request, Usage, UserMessage
 from lllms_core.server import ModelServer
 from lllms_core.tasks import Task
 from lllms_core.testing import fake, plugin_manager
@@ -137,6 +139,45 @@ def test_two_plugins_registering_one_name_is_an_error_naming_both():
     assert "sampler 'temperature'" in sampler.value.message and "'lllms.samplers'" in sampler.value.message
     with pytest.raises(PluginConflictError):
         ModelServer({"models": {"m": {"engine": "fake"}}}, plugins=manager)
+
+
+class ParameterEcho(FakeEngine):
+    """Answers with the plugin sampler parameters its request carries."""
+
+    name = "parameter-echo"
+    logits_processors = True
+
+    async def chat_completion(self, context, request, sink):
+        await sink.send(CompletionChunk(text=json.dumps(request.plugin_parameters, sort_keys=True)))
+        return CompletionResult(finish_reasons=["stop"], usage=Usage(prompt_tokens=1, completion_tokens=1))
+
+
+class Banana:
+    @hookimpl
+    def register_engines(self, register):
+        register(ParameterEcho)
+
+    @hookimpl
+    def register_samplers(self, register):
+        register(Sampler(name="banana", parameters=("banana_strength",), logits_processor=lambda value, request: None))
+
+
+async def test_completion_defaults_of_plugin_sampler_parameters_are_applied():
+    config = {"models": {"m": {"engine": "parameter-echo", "completion_defaults": {"banana_strength": 2}}}}
+    async with ModelServer(config, plugins=plugin_manager(fake, Banana())) as server:
+        silent = await server.chat_completion({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        told = await server.chat_completion(
+            ChatCompletionRequest(model="m", messages=[UserMessage(content="hi")], plugin_parameters={"banana_strength": 5})
+        )
+    assert silent.choices[0].text == '{"banana_strength": 2}'
+    assert told.choices[0].text == '{"banana_strength": 5}'
+
+
+def test_a_plugin_sampler_default_for_an_engine_that_cannot_apply_it_is_a_config_error():
+    with pytest.raises(ConfigError) as refused:
+        load_config({"models": {"m": {"engine": "fake", "completion_defaults": {"banana_strength": 2}}}},
+                    plugin_manager(fake, Banana()))  # fmt: skip
+    assert "banana_strength" in refused.value.message and "'fake'" in refused.value.message
 
 
 @pytest.mark.parametrize("hook", HOOKS)
