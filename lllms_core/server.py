@@ -85,6 +85,14 @@ def with_defaults(request: Any, defaults: dict[str, Any]) -> Any:
     return msgspec.structs.replace(request, **unset) if unset else request
 
 
+def leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions of a (nested) exception group."""
+    found: list[BaseException] = []
+    for exception in group.exceptions:
+        found += leaves(exception) if isinstance(exception, BaseExceptionGroup) else [exception]
+    return found
+
+
 class CompletionStream:
     """The chunks of one completion as they are generated, then its result.
 
@@ -179,18 +187,30 @@ class ModelServer:
 
     async def __aenter__(self) -> "ModelServer":
         self._stack = AsyncExitStack()
-        self.pool = await self._stack.enter_async_context(open_model_pool(self.config, self.engines, self.store))
-        # generations run here, so a consumer's exceptions never pass through a nursery of ours
-        self._generations = await self._stack.enter_async_context(trio.open_nursery())
-        self._stack.callback(self._generations.cancel_scope.cancel)
-        if self.wait_ready:
-            await self.pool.wait_ready()
+        try:
+            self.pool = await self._stack.enter_async_context(open_model_pool(self.config, self.engines, self.store))
+            # generations run here, so a consumer's exceptions never pass through a nursery of ours
+            self._generations = await self._stack.enter_async_context(trio.open_nursery())
+            self._stack.callback(self._generations.cancel_scope.cancel)
+            if self.wait_ready:
+                await self.pool.wait_ready()
+        except BaseException as error:
+            await self.__aexit__(type(error), error, error.__traceback__)
+            raise
         return self
 
     async def __aexit__(self, *exc_info) -> bool | None:
         stack, self._stack = self._stack, None
         assert stack is not None
-        return await stack.__aexit__(*exc_info)
+        try:
+            return await stack.__aexit__(*exc_info)
+        except BaseExceptionGroup as group:
+            # the caller's own exception, wrapped by the pool's nursery on its way out: it is
+            # what the caller raised (an LllmsError from a request), so it leaves as it came
+            error = exc_info[1]
+            if error is not None and all(leaf is error for leaf in leaves(group)):
+                raise error from None
+            raise
 
     # --- facts ----------------------------------------------------------------
 

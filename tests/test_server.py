@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lllms_core.errors import InvalidRequestError, ModelNotFoundError, UnsupportedParameterError
+from lllms_core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, UnsupportedParameterError
 from lllms_core.server import ModelServer
 
 pytestmark = pytest.mark.timeout(30)
@@ -83,3 +83,12 @@ async def test_requests_that_cannot_be_served_are_refused_before_anything_runs(s
         await server.chat_completion({"model": "chat", "messages": user("hi"), "temperature": 3})
     assert invalid.value.param == "temperature"
     assert server.status()["processing"] == 0 and server.status()["queued"] == 0
+
+
+async def test_an_error_leaving_the_model_server_block_is_raised_as_it_is_not_in_an_exception_group():
+    with pytest.raises(ModelLoadError, match="refuses to load"):
+        async with ModelServer({"models": {"broken": {"engine": "fake", "fail_loads": 1_000}}}) as server:
+            await server.chat_completion({"model": "broken", "messages": user("hi")})
+    with pytest.raises(KeyError, match="the caller's own"):
+        async with ModelServer(CONFIG):
+            raise KeyError("the caller's own")
