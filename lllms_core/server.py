@@ -8,7 +8,7 @@ import re
 import secrets
 import time
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, TypeVar
 
 import msgspec
 import trio
@@ -53,11 +53,19 @@ from lllms_core.schemas import (
     TranscriptionRequest,
     TranscriptionResult,
     Usage,
+    decoder_for,
 )
 from lllms_core.store import ModelStore
 from lllms_core.tasks import ANY_MODEL_TASKS, tasks_served
 
 log = logging.getLogger("lllms.server")
+
+T = TypeVar("T")
+
+
+MAX_NESTING = 100
+"""How deep a request may nest (objects and arrays, its own fields included): deeper
+input is refused rather than recursed into by JSON decoders and grammar builders."""
 
 
 def validation_error(error: msgspec.ValidationError) -> InvalidRequestError:
@@ -71,6 +79,50 @@ def validation_error(error: msgspec.ValidationError) -> InvalidRequestError:
     if missing:
         param = f"{param}.{missing.group(1)}" if param else missing.group(1)
     return InvalidRequestError(message, param=param)
+
+
+def too_deeply_nested() -> InvalidRequestError:
+    return InvalidRequestError(f"The request nests objects and arrays more than {MAX_NESTING} levels deep", code="too_deeply_nested")
+
+
+def parse_request(source: bytes | dict, kind: type[T]) -> T:
+    """A request Struct from a JSON body (bytes) or a dict: malformed JSON, wrong values and
+    input nested too deeply become 400s."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            request = decoder_for(kind).decode(source)
+        else:
+            request = msgspec.convert(source, kind)
+    except msgspec.ValidationError as error:
+        raise validation_error(error) from None
+    except msgspec.DecodeError as error:
+        raise InvalidRequestError(f"The request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise too_deeply_nested() from None
+    if nesting_depth(request) > MAX_NESTING:
+        raise too_deeply_nested()
+    return request
+
+
+def nesting_depth(value: Any) -> int:
+    """How many levels of Structs, dicts and lists ``value`` nests (without recursing)."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, msgspec.Struct):
+            children = [getattr(node, name) for name in node.__struct_fields__]
+        elif isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_NESTING:
+            return deepest
+        pending += [(child, depth + 1) for child in children]
+    return deepest
 
 
 def with_defaults(request: Any, defaults: dict[str, Any]) -> Any:
@@ -244,10 +296,7 @@ class ModelServer:
     def _resolve(self, task_name: str, request: Any):
         task = self.plugins.tasks[task_name]
         if isinstance(request, dict):
-            try:
-                request = msgspec.convert(request, task.request)
-            except msgspec.ValidationError as error:
-                raise validation_error(error) from None
+            request = parse_request(request, task.request)
         model = self.config.models.get(request.model)
         if model is None:
             raise ModelNotFoundError(f"The model {request.model!r} does not exist", param="model")
@@ -347,9 +396,15 @@ class ModelServer:
         return self._stream("chat-completion", request, lambda r: chat_key(r.messages[:-1]))
 
     def stream_text_completion(self, request: TextCompletionRequest | dict):
+        """One prompt per call (the HTTP API runs a list of prompts as one call each)."""
+
         def key(r: TextCompletionRequest) -> ContextKey:
-            prompt = r.prompts[0]
-            return text_key(prompt) if isinstance(prompt, str) and len(r.prompts) == 1 else ()
+            prompts = r.prompts
+            if len(prompts) != 1:
+                raise InvalidRequestError(
+                    f"`prompt` must be one prompt here, not {len(prompts)}: run one completion per prompt", param="prompt"
+                )
+            return text_key(prompts[0]) if isinstance(prompts[0], str) else ()
 
         return self._stream("text-completion", request, key)
 

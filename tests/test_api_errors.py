@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import msgspec
 import openai
 import pytest
 from helpers.openai_schema import openai_client, parse_sse, validate
@@ -83,6 +84,42 @@ def test_invalid_values_name_the_field(http, body, param):
     error = error_of(http.post("/v1/chat/completions", json=body), 400)
     assert error["param"] is not None and error["param"].startswith(param), error
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"model": "chat", "prompt": [[]]}, "prompt[0]"),
+        ("/v1/completions", {"model": "chat", "prompt": ["hi", []], "stream": True}, "prompt[1]"),
+        ("/v1/embeddings", {"model": "embed", "input": ["a", []]}, "input[1]"),
+    ],
+)
+def test_an_empty_token_list_is_a_400_naming_it(http, path, body, param):
+    error = error_of(http.post(path, json=body), 400)
+    assert error["param"] == param and "empty" in error["message"]
+
+
+@pytest.mark.parametrize("levels", [1000, 100_000])
+def test_json_nested_too_deeply_is_a_400(http, levels):
+    nested = "[" * levels + "]" * levels
+    unknown_field = b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "x": %s}' % nested.encode()
+    for body in (unknown_field, schema_request(levels)):
+        error = error_of(http.post("/v1/chat/completions", content=body), 400)
+        assert error["code"] == "too_deeply_nested" and "100 levels" in error["message"]
+    assert http.post("/v1/chat/completions", json=chat()).status_code == 200
+
+
+def test_a_schema_deeper_than_engines_should_recurse_into_is_a_400(http):
+    # 150 levels decode without trouble, but what reaches an engine must not make it recurse that deep
+    error = error_of(http.post("/v1/chat/completions", content=schema_request(75)), 400)
+    assert error["code"] == "too_deeply_nested"
+
+
+def schema_request(levels: int) -> bytes:
+    """A chat request whose json_schema nests ``levels`` objects (two JSON levels each)."""
+    schema = '{"type": "object", "properties": {"a": ' * levels + '{"type": "string"}' + "}}" * levels
+    response_format = {"type": "json_schema", "json_schema": {"name": "deep", "schema": "SCHEMA"}}
+    return msgspec.json.encode(chat(response_format=response_format)).replace(b'"SCHEMA"', schema.encode())
 
 
 def test_a_missing_field_is_named(http):

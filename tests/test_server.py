@@ -92,3 +92,10 @@ async def test_an_error_leaving_the_model_server_block_is_raised_as_it_is_not_in
     with pytest.raises(KeyError, match="the caller's own"):
         async with ModelServer(CONFIG):
             raise KeyError("the caller's own")
+
+
+async def test_one_prompt_per_call_and_no_empty_token_prompt_reach_the_engine(server):
+    for prompt, param in (([], "prompt"), (["a", "b"], "prompt"), ([[]], "prompt[0]")):
+        with pytest.raises(InvalidRequestError) as refused:
+            await server.text_completion({"model": "chat", "prompt": prompt})
+        assert refused.value.param == param

@@ -9,12 +9,9 @@ import msgspec
 from quart import Response, current_app, request
 
 from lllms_core.errors import InvalidRequestError, LllmsError, QueueFullError
-from lllms_core.schemas import decoder_for
-from lllms_core.server import ModelServer, validation_error
+from lllms_core.server import ModelServer, parse_request
 
 T = TypeVar("T")
-
-_any_json = msgspec.json.Decoder()
 
 
 class MethodNotAllowedError(InvalidRequestError):
@@ -89,24 +86,14 @@ def error_response(error: LllmsError) -> Response:
     return json_response(error_body(error, request.path), error.status, headers)
 
 
-def decode_body(body: bytes, kind: type[T]) -> T:
-    """A request Struct from a JSON body: malformed JSON and wrong values become 400s."""
-    try:
-        return decoder_for(kind).decode(body)
-    except msgspec.ValidationError as error:
-        raise validation_error(error) from None
-    except msgspec.DecodeError as error:
-        raise InvalidRequestError(f"The request body is not valid JSON: {error}", code="invalid_json") from None
-
-
 async def read_request(kind: type[T]) -> T:
     """The request Struct of this request's JSON body, with plugin sampler parameters
     moved into ``plugin_parameters``."""
     body = await request.get_data(as_text=False)
-    parsed = decode_body(body, kind)
+    parsed = parse_request(body, kind)
     wanted = state().plugin_parameters - set(getattr(kind, "__struct_fields__", ()))
     if wanted and "plugin_parameters" in kind.__struct_fields__ and any(f'"{name}"'.encode() in body for name in wanted):
-        raw = _any_json.decode(body)
+        raw = parse_request(body, dict[str, Any])
         values = {name: raw[name] for name in wanted if raw.get(name) is not None}
         if values:
             parsed = msgspec.structs.replace(parsed, plugin_parameters=values)
