@@ -471,6 +471,8 @@ class Choice(Struct, kw_only=True):
     reasoning: str = ""
     tool_calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] | None = None
+    logprobs_offset: int = 0
+    """Where in ``text`` the first token with logprobs starts (after an echoed prompt)."""
     finish_reason: FinishReason = "stop"
     stop_sequence: str | None = None
     """The stop string that ended the choice, when its engine reports it."""

@@ -168,10 +168,12 @@ class CompletionStream:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         choice = self.choices[chunk.index]
+        if chunk.logprobs:
+            if choice.logprobs is None:
+                choice.logprobs_offset = len(choice.text)
+            choice.logprobs = (choice.logprobs or []) + chunk.logprobs
         choice.text += chunk.text
         choice.reasoning += chunk.reasoning
-        if chunk.logprobs:
-            choice.logprobs = (choice.logprobs or []) + chunk.logprobs
         for delta in chunk.tool_calls or ():
             if delta.index >= len(choice.tool_calls):
                 choice.tool_calls.append(

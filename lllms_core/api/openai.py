@@ -133,7 +133,7 @@ def text_completion_body(streams: list[CompletionStream], completion: TextComple
         for choice in stream.choices:
             logprobs = None
             if completion.logprobs is not None:
-                logprobs = text_logprobs(choice.logprobs, completion.logprobs, 0)
+                logprobs = text_logprobs(choice.logprobs, completion.logprobs, choice.logprobs_offset)
             choices.append(
                 {
                     "index": offset + choice.index,
@@ -270,9 +270,11 @@ class TextEvents(ChunkEvents):
         index = self.offsets[id(stream)] + chunk.index
         logprobs = None
         if self.request.logprobs is not None:
-            position = self.positions.get(index, 0)
+            # the stream recorded where the choice's first token with logprobs starts
+            position = self.positions.get(index, stream.choices[chunk.index].logprobs_offset)
             logprobs = text_logprobs(chunk.logprobs, self.request.logprobs, position)
-            self.positions[index] = position + sum(len(token.token) for token in chunk.logprobs or ())
+            if chunk.logprobs:
+                self.positions[index] = position + sum(len(token.token) for token in chunk.logprobs)
         if not chunk.text and not chunk.logprobs:
             return []
         return [self.event([{"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": None}])]
