@@ -71,8 +71,9 @@ def in_trio() -> bool:
 
 class RequestConnection(TrioASGIHTTPConnection):
     """quart-trio's HTTP connection, plus: a request id (accepted from the client's
-    ``x-request-id`` when sane), a nursery for the request's tasks, and the log line
-    and metrics of each request once its response has ended."""
+    ``x-request-id`` when sane), a nursery for the request's tasks, ``Connection: close``
+    on a response sent before the request's body was read, and the log line and metrics
+    of each request once its response has ended."""
 
     async def __call__(self, receive, send) -> None:
         app_state: AppState = self.app.extensions["lllms"]
@@ -80,12 +81,25 @@ class RequestConnection(TrioASGIHTTPConnection):
         self.scope["lllms.request_id"] = request_id
         status = None
         completed = False
+        body_unread = self._has_body()
+
+        async def receive_noting_the_body_end() -> dict:
+            nonlocal body_unread
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_unread = False
+            return message
 
         async def send_with_id(message: dict) -> None:
             nonlocal status, completed
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message["headers"], (b"x-request-id", request_id.encode())]}
+                headers = [*message["headers"], (b"x-request-id", request_id.encode())]
+                if body_unread:
+                    # an answer before the body was read (401, 404, 413...): the rest of the body
+                    # would stall the connection, and the next request on it would never be answered
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 completed = True
             await send(message)
@@ -94,7 +108,7 @@ class RequestConnection(TrioASGIHTTPConnection):
         try:
             async with trio.open_nursery() as nursery:
                 self.scope["lllms.nursery"] = nursery
-                await super().__call__(receive, send_with_id)
+                await super().__call__(receive_noting_the_body_end, send_with_id)
                 nursery.cancel_scope.cancel()
         finally:
             seconds = time.perf_counter() - started
@@ -117,6 +131,13 @@ class RequestConnection(TrioASGIHTTPConnection):
                     "completed": completed,
                 },
             )
+
+    def _has_body(self) -> bool:
+        for name, value in self.scope["headers"]:
+            name = name.lower()
+            if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+                return True
+        return False
 
     def _request_id(self) -> str:
         for name, value in self.scope["headers"]:
@@ -207,9 +228,6 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
         response = error_response(translate_http_error(error))
         if error.code == 405 and getattr(error, "valid_methods", None):
             response.headers["Allow"] = ", ".join(error.valid_methods)
-        if error.code == 413:
-            # the rest of the body was never read: this connection cannot carry another request
-            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Exception)

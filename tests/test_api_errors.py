@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import httpx2
 import msgspec
 import openai
 import pytest
@@ -219,6 +220,31 @@ def test_unknown_routes_and_methods(http):
     response = http.get("/v1/chat/completions")
     error = error_of(response, 405)
     assert "POST" in response.headers["allow"]
+
+
+def test_the_connection_of_an_answer_sent_before_the_body_was_read_is_closed(http, server_for_test):
+    """A 401, 404 or 405 goes out before the body is read; the rest of a large body would stall
+    the connection, and the next request on it would never be answered."""
+    big = chat(messages=[{"role": "user", "content": "x" * 2_000_000}])
+    guarded_server = server_for_test({"http": {"api_keys": [KEY]}, "models": {"chat": {"engine": "fake"}}})
+    with httpx.Client(base_url=guarded_server.base_url, timeout=10) as pooled:
+        for method, path, status, headers in [
+            ("POST", "/v1/chat/completions", 401, {}),
+            ("POST", "/v1/nothing/here", 404, {"Authorization": f"Bearer {KEY}"}),
+            ("PUT", "/v1/chat/completions", 405, {"Authorization": f"Bearer {KEY}"}),
+        ]:
+            response = pooled.request(method, path, json=big, headers=headers)
+            assert response.status_code == status and response.headers["connection"] == "close"
+            assert pooled.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        answered = pooled.post("/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {KEY}"})
+        assert "connection" not in answered.headers, "a request whose body was read keeps its connection"
+    # the openai client shares its pooled connections between calls
+    shared = httpx2.Client(timeout=10)
+    wrong = openai.OpenAI(base_url=guarded_server.url("/v1"), api_key="sk-wrong", max_retries=0, http_client=shared)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="chat", messages=big["messages"])
+    right = openai.OpenAI(base_url=guarded_server.url("/v1"), api_key=KEY, max_retries=0, http_client=shared)
+    assert right.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}]).choices
 
 
 # --- limits -----------------------------------------------------------------------------
