@@ -246,9 +246,14 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
 
     @app.get("/health")
     async def health() -> Response:
+        if server.pool is None:
+            return json_response({"status": "starting"}, 503)
+        failures = server.pool.failures()
+        if failures:
+            return json_response({"status": "failed", "errors": failures}, 503)
         if server.ready:
             return json_response({"status": "ok"})
-        return json_response({"status": "loading" if server.pool is not None else "starting"}, 503)
+        return json_response({"status": "loading"}, 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -276,13 +276,19 @@ class ModelServer:
         assert self.pool is not None
         store = self.store.status()
         pool = self.pool.status()
+        failures = self.pool.failures()
         return {
             "ready": self.ready,
             "processing": pool["processing"],
             "queued": pool["queued"],
             "concurrency": pool["concurrency"],
             "models": {
-                model.id: {"engine": model.engine, "task": model.task, **store.get(model.id, {})}
+                model.id: {
+                    "engine": model.engine,
+                    "task": model.task,
+                    **store.get(model.id, {}),
+                    "start_error": failures.get(model.id),
+                }
                 for model in self.config.models.values()
             },
             "instances": pool["instances"],

@@ -52,6 +52,23 @@ def test_health_is_503_until_the_startup_models_are_loaded(server_for_test):
         assert http_client.get("/health").json() == {"status": "ok"}
 
 
+def test_a_startup_model_that_cannot_load_keeps_the_server_not_ready_and_says_why(server_for_test):
+    server = server_for_test(
+        {"models": {"chat": {"engine": "fake"}, "broken": {"engine": "fake", "fail_loads": 1_000_000, "min_instances": 1}}}
+    )
+    with httpx.Client(base_url=server.base_url, timeout=10) as http_client:
+        wait_until(lambda: http_client.get("/health").json()["status"] != "loading")
+        health = http_client.get("/health")
+        assert (health.status_code, health.json()) == (
+            503, {"status": "failed", "errors": {"broken": "fake model 'broken' refuses to load"}}
+        )  # fmt: skip
+        status = http_client.get("/").json()
+        assert status["ready"] is False
+        assert status["models"]["broken"]["start_error"] == "fake model 'broken' refuses to load"
+        assert status["models"]["chat"]["start_error"] is None
+        assert "lllms_ready 0.0" in http_client.get("/metrics").text
+
+
 def test_an_abandoned_stream_frees_the_instance_at_once(http, api_server):
     words = len(api_server.config["models"]["slow"]["reply"].split())
     body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}
