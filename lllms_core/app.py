@@ -242,7 +242,7 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
     async def status() -> Response:
         if server.pool is None:
             raise ServiceUnavailableError("the server is starting")
-        return json_response(await server.report())
+        return json_response(state().public(await server.report()))
 
     @app.get("/health")
     async def health() -> Response:
@@ -250,7 +250,7 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
             return json_response({"status": "starting"}, 503)
         failures = server.pool.failures()
         if failures:
-            return json_response({"status": "failed", "errors": failures}, 503)
+            return json_response(state().public({"status": "failed", "errors": failures}), 503)
         if server.ready:
             return json_response({"status": "ok"})
         return json_response({"status": "loading"}, 503)

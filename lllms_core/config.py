@@ -145,6 +145,9 @@ class HttpConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_de
     max_body_size: Annotated[int, Meta(ge=1024)] = 50 * 1024 * 1024
     shutdown_grace: Seconds = 10
     keepalive_interval: Annotated[float, Meta(gt=0)] = 15
+    expose_paths: bool = False
+    """Show absolute file paths in the status report and error messages; by default clients
+    see file names only (the log has the paths)."""
 
 
 class ImagesConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

@@ -69,6 +69,21 @@ def test_a_startup_model_that_cannot_load_keeps_the_server_not_ready_and_says_wh
         assert "lllms_ready 0.0" in http_client.get("/metrics").text
 
 
+def test_the_api_shows_file_names_not_where_the_server_keeps_them(server_for_test, tmp_path):
+    models = {"missing": {"engine": "fake", "location": str(tmp_path / "models" / "gone.gguf")}}
+    for expose, shown in ((False, "gone.gguf"), (True, str(tmp_path / "models" / "gone.gguf"))):
+        server = server_for_test({"http": {"expose_paths": expose}, "models": models})
+        with httpx.Client(base_url=server.base_url, timeout=10) as http_client:
+            assert http_client.get("/").json()["models"]["missing"]["location"] == shown
+            body = {"model": "missing", "messages": [{"role": "user", "content": "hi"}]}
+            error = http_client.post("/v1/chat/completions", json=body).json()["error"]
+            assert error["message"] == f"model 'missing': {shown} does not exist"
+            with http_client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+                event = [line for line in response.iter_lines() if line][-1]
+            assert f"model 'missing': {shown} does not exist" in event
+            assert str(tmp_path) not in event or expose
+
+
 def test_an_abandoned_stream_frees_the_instance_at_once(http, api_server):
     words = len(api_server.config["models"]["slow"]["reply"].split())
     body = {"model": "slow", "messages": [{"role": "user", "content": "go"}], "stream": True}

@@ -371,13 +371,13 @@ async def produce_events(
                             await send.send(event)
                 await events.complete()
             except LllmsError as error:
-                for event in events.error(error):
+                for event in events.error(app_state.public_error(error)):
                     await send.send(event)
                 return
             except Exception:
                 log.exception("streaming failed", extra={"request_id": request_id})
                 error = InternalError(f"Internal server error (request id {request_id})")
-                for event in events.error(error):
+                for event in events.error(app_state.public_error(error)):
                     await send.send(event)
                 return
             for event in events.finish():

@@ -245,6 +245,7 @@ class ModelStatus(Struct, kw_only=True):
     error: str | None
     """Why preparing failed."""
     location: str | None
+    """The model's file: its name, or its path with ``http.expose_paths``."""
     downloads: list[DownloadStatus]
     start_error: str | None = None
     """For a model the server must have ready at start: why its last load failed, while no
