@@ -4,6 +4,7 @@ and starting it with hypercorn's command line."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -82,6 +83,18 @@ def test_the_api_shows_file_names_not_where_the_server_keeps_them(server_for_tes
                 event = [line for line in response.iter_lines() if line][-1]
             assert f"model 'missing': {shown} does not exist" in event
             assert str(tmp_path) not in event or expose
+
+
+def test_a_client_going_away_mid_stream_is_a_normal_disconnect_not_an_error(server_for_test, caplog):
+    server = server_for_test({"models": {"fast": {"engine": "fake", "slots": 4, "reply": " ".join(["word"] * 5000)}}})
+    caplog.set_level("DEBUG")
+    body = {"model": "fast", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    with httpx.Client(base_url=server.base_url, timeout=10) as http_client:
+        for _ in range(20):
+            with http_client.stream("POST", "/v1/chat/completions", json=body) as response:
+                next(response.iter_lines())
+        wait_until(lambda: not slot_busy(http_client, "fast"))
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
 def test_an_abandoned_stream_frees_the_instance_at_once(http, api_server):

@@ -356,35 +356,41 @@ async def produce_events(
 ) -> None:
     """Write a completion's events into ``send``: the events' beginning, keep-alives while
     waiting for an instance, the chunks, the finish events, the end (``[DONE]``). An error
-    during generation is sent as the events' error event, which ends the stream."""
+    during generation is sent as the events' error event, which ends the stream. A client
+    that goes away closes the response body, which ends this quietly."""
     keepalive = app_state.server.config.http.keepalive_interval
-    async with send:
-        async with open_streams() as streams:
-            task_status.started()
-            events = events_of(streams)
-            try:
-                for event in events.begin():
+    try:
+        async with send:
+            async with open_streams() as streams:
+                task_status.started()
+                events = events_of(streams)
+                try:
+                    for event in events.begin():
+                        await send.send(event)
+                    for stream in streams:
+                        async for chunk in with_keepalive(stream, send, keepalive, events.keepalive):
+                            for event in events.chunk(stream, chunk):
+                                await send.send(event)
+                    await events.complete()
+                except LllmsError as error:
+                    for event in events.error(app_state.public_error(error)):
+                        await send.send(event)
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise  # the client went away
+                except Exception:
+                    log.exception("streaming failed", extra={"request_id": request_id})
+                    error = InternalError(f"Internal server error (request id {request_id})")
+                    for event in events.error(app_state.public_error(error)):
+                        await send.send(event)
+                    return
+                for event in events.finish():
                     await send.send(event)
-                for stream in streams:
-                    async for chunk in with_keepalive(stream, send, keepalive, events.keepalive):
-                        for event in events.chunk(stream, chunk):
-                            await send.send(event)
-                await events.complete()
-            except LllmsError as error:
-                for event in events.error(app_state.public_error(error)):
-                    await send.send(event)
-                return
-            except Exception:
-                log.exception("streaming failed", extra={"request_id": request_id})
-                error = InternalError(f"Internal server error (request id {request_id})")
-                for event in events.error(app_state.public_error(error)):
-                    await send.send(event)
-                return
-            for event in events.finish():
+            account(app_state, streams)
+            for event in events.done():
                 await send.send(event)
-        account(app_state, streams)
-        for event in events.done():
-            await send.send(event)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.debug("the client went away while streaming", extra={"request_id": request_id})
 
 
 async def with_keepalive(stream: CompletionStream, send: trio.MemorySendChannel, interval: float, keepalive: bytes | None):
