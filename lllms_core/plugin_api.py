@@ -48,7 +48,7 @@ from lllms_core.errors import (
     UnsupportedParameterError,
 )
 from lllms_core.hookspecs import hookimpl
-from lllms_core.images import Image, RequestImages, chat_image_sources, is_image_data_url
+from lllms_core.images import Image, RequestImages, chat_image_sources, describe_images, is_image_data_url
 from lllms_core.reasoning import ThinkingBudget, ThinkSyntax, think_syntax
 from lllms_core.samplers import Sampler, requested_logits_processors
 from lllms_core.schemas import (
@@ -145,6 +145,7 @@ __all__ = [
     "RequestImages",
     "chat_image_sources",
     "is_image_data_url",
+    "describe_images",
     # errors
     "LllmsError",
     "InvalidRequestError",

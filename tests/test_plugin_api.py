@@ -39,10 +39,14 @@ def test_engines_import_from_lllms_only_through_the_plugin_api(path):
     assert not others, f"{path.name} imports {others}: import from lllms_core.plugin_api (add what is missing there)"
 
 
-def test_every_name_of_the_plugin_api_exists_once():
+def test_every_name_of_the_plugin_api_exists_once_and_is_documented():
     assert len(plugin_api.__all__) == len(set(plugin_api.__all__))
+    docs = (ROOT / "docs" / "plugins.md").read_text()
     for name in plugin_api.__all__:
         assert hasattr(plugin_api, name), name
+        assert f"`{name}" in docs, f"docs/plugins.md does not document {name}"
+    major, minor = plugin_api.API_VERSION
+    assert f"plugin API {major}.{minor}" in docs
 
 
 @pytest.mark.parametrize("pyproject", DISTRIBUTIONS, ids=lambda path: str(path.parent.relative_to(ROOT)))
