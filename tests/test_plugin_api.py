@@ -14,8 +14,11 @@ import lllms_core
 from lllms_core import plugin_api
 
 ROOT = Path(__file__).parent.parent
+CORE_DEPLOYMENTS = ("lllms_ray",)
+"""Plugins that run lllms' core itself elsewhere (ModelServer, the HTTP app) rather than
+serve models through the engine protocol: they use the core's modules and pin lllms tightly."""
 PLUGIN_SOURCES = sorted(
-    [path for path in ROOT.glob("plugins/*/lllms_*/**/*.py")]
+    [path for path in ROOT.glob("plugins/*/lllms_*/**/*.py") if path.parent.parent.name not in CORE_DEPLOYMENTS]
     + [path for path in ROOT.glob("examples/*/lllms_*/**/*.py")]
     + [ROOT / "lllms_core" / "testing" / "fake.py"]
 )
