@@ -11,9 +11,9 @@ import trio
 from lllms_core.http import serve_async
 
 
-def config(model_file) -> dict:
+def config(model_file, cache_dir) -> dict:
     return {
-        "server": {"concurrency": 2},
+        "server": {"cache_dir": str(cache_dir), "concurrency": 2},
         "models": {
             "smol": {
                 "engine": "llamacpp",
@@ -26,9 +26,9 @@ def config(model_file) -> dict:
     }
 
 
-async def test_openai_client_chat_stream_tools_and_completions(smollm2_file):
+async def test_openai_client_chat_stream_tools_and_completions(smollm2_file, tmp_path):
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve_async, config(smollm2_file), host="127.0.0.1", port=0))
+        port = await nursery.start(partial(serve_async, config(smollm2_file, tmp_path), host="127.0.0.1", port=0))
 
         def use_the_client() -> None:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60)
