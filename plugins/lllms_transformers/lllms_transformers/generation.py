@@ -63,7 +63,7 @@ from lllms_core.plugin_api import (
     message_text,
     requested_logits_processors,
 )
-from lllms_transformers import structured, vision
+from lllms_transformers import states, structured, vision
 
 
 class TextGenerator:
@@ -446,6 +446,9 @@ async def _run_choices(
     """Run ``choices`` choices of one prompt; return (finish reasons by index, usage)."""
     generator: TextGenerator = context.instance.loaded
     state = _slot_state(context)
+    await trio.to_thread.run_sync(
+        states.prepare_slot, state, prompt, context.prompt_cache, context.previous_key, limiter=context.instance.limiter
+    )
     reasons: dict[int, str] = {}
     completion_tokens = cached = 0
     # the last choice run stays in the slot's cache: run the first choice last, as the
