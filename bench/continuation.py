@@ -145,53 +145,44 @@ ttl = {args.ttl}
 """
     )
     url = f"http://127.0.0.1:{args.port}"
-    server = Server([*args.lllms.split(), "--log-level", "info", "serve", "--config", str(config), "--port", str(args.port)], url,
-                    workdir / "lllms.log").start()
-    bench = bench_for(url, args)
-    report: dict = {}
-    try:
-        cpu = CpuMeter(server.process.pid)
-        await warm(bench)
-        report["evaluate"] = await references(bench, rng, args, cpu, "lllms evaluate")
-        conversation = Conversation(bench, long_message(rng, args.words))
-        report["first_turn"] = await measure("lllms first turn", conversation.turn(args.max_tokens), cpu, args)
-        deadline = time.monotonic() + args.ttl + 120
-        while httpx.get(url + "/").json()["instances"]:
-            if time.monotonic() > deadline:
-                raise SystemExit("the instance outlived its TTL")
-            await asyncio.sleep(0.2)
-        await warm(bench)
-        report["ttl"] = await measure("lllms after TTL", conversation.turn(args.max_tokens), cpu, args)
-        server.stop()
-        server.start()
-        cpu = CpuMeter(server.process.pid)
-        await warm(bench)
-        report["restart"] = await measure("lllms after restart", conversation.turn(args.max_tokens), cpu, args)
-        report["prompt_cache"] = httpx.get(url + "/").json()["models"]["smollm2"].get("prompt_cache")
-    finally:
-        await bench.client.close()
-        server.stop()
-    return report
+    command = [*args.lllms.split(), "--log-level", "info", "serve", "--config", str(config), "--port", str(args.port)]
+    return await continue_after(Server(command, url, workdir / "lllms.log"), "lllms", args, rng, ttl=True)
 
 
 async def run_llama_server(args, rng, workdir: Path) -> dict:
     url = f"http://127.0.0.1:{args.port + 1}"
     command = [args.llama_server, "-m", gguf_path(), "-a", "smollm2", "-t", "2", "-c", "8192",
                "--host", "127.0.0.1", "--port", str(args.port + 1)]
-    server = Server(command, url, workdir / "llama-server.log").start()
-    bench = bench_for(url, args)
+    return await continue_after(Server(command, url, workdir / "llama-server.log"), "llama-server", args, rng, ttl=False)
+
+
+async def continue_after(server: Server, label: str, args, rng, *, ttl: bool) -> dict:
+    """The reference (never-seen conversations), then one conversation's first turn, its next
+    turn after its instance's TTL ran out (``ttl``), and its next turn after a restart."""
+    server.start()
+    bench = bench_for(server.url, args)
     report: dict = {}
     try:
         cpu = CpuMeter(server.process.pid)
         await warm(bench)
-        report["evaluate"] = await references(bench, rng, args, cpu, "llama-server evaluate")
+        report["evaluate"] = await references(bench, rng, args, cpu, f"{label} evaluate")
         conversation = Conversation(bench, long_message(rng, args.words))
-        report["first_turn"] = await measure("llama-server first turn", conversation.turn(args.max_tokens), cpu, args)
+        report["first_turn"] = await measure(f"{label} first turn", conversation.turn(args.max_tokens), cpu, args)
+        if ttl:
+            deadline = time.monotonic() + args.ttl + 120
+            while httpx.get(server.url + "/").json()["instances"]:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the instance outlived its TTL")
+                await asyncio.sleep(0.2)
+            await warm(bench)
+            report["ttl"] = await measure(f"{label} after TTL", conversation.turn(args.max_tokens), cpu, args)
         server.stop()
         server.start()
         cpu = CpuMeter(server.process.pid)
         await warm(bench)
-        report["restart"] = await measure("llama-server after restart", conversation.turn(args.max_tokens), cpu, args)
+        report["restart"] = await measure(f"{label} after restart", conversation.turn(args.max_tokens), cpu, args)
+        if ttl:  # lllms: what its prompt cache did
+            report["prompt_cache"] = httpx.get(server.url + "/").json()["models"]["smollm2"].get("prompt_cache")
     finally:
         await bench.client.close()
         server.stop()

@@ -2,6 +2,8 @@
 (`kv_unified = true`) against one per sequence (`false`), in process (no HTTP), on the
 workloads of the prompt-cache benchmarks:
 
+  held           decode rate of N sequences together while each holds H tokens of context
+                 (H = 0, 512, 1536): attention scans every used cell of a unified cache
   streams        N concurrent fresh prompts: aggregate tokens/s
   conversations  N concurrent chats of T turns on as many slots: mean follow-up TTFT, wall time
   crowd          3N concurrent chats of T turns on N slots (conversations outnumber slots, the
@@ -135,6 +137,41 @@ async def wait_quiet(cpu: CpuMeter, seconds: float) -> None:
             return
 
 
+def held_decode(args, unified: bool) -> dict:
+    """Tokens/s of N sequences decoding together (one token each per step) while each holds
+    ``held`` tokens, straight on the engine's llama context (no scheduler, no server)."""
+    from lllms_core.config import ModelConfig
+    from lllms_core.engine import Device
+    from lllms_llamacpp.engine import LlamaCppOptions, load_instance
+
+    from continuation import gguf_path
+
+    rates = {}
+    for held in (0, 512, 1536):
+        config = ModelConfig(id="smollm2", engine="llamacpp", task="chat-completion", context_size=2048,
+                             options=LlamaCppOptions(parallel=args.parallel, kv_unified=unified))
+        instance = load_instance(config, gguf_path(), Device(gpu=False, cpu_threads=args.threads))
+        instance.scheduler.stop()  # this thread drives the context
+        context = instance.context
+        try:
+            for seq in range(args.parallel):
+                for start in range(0, held, 512):
+                    context.clear_batch()
+                    for offset in range(min(512, held - start)):
+                        context.add(1 + (offset + seq) % 500, start + offset, seq, False)
+                    assert context.decode() == 0
+            began, steps = time.perf_counter(), 32
+            for step in range(steps):
+                context.clear_batch()
+                for seq in range(args.parallel):
+                    context.add(7, held + step, seq, True)
+                assert context.decode() == 0
+            rates[str(held)] = round(args.parallel * steps / (time.perf_counter() - began), 1)
+        finally:
+            instance.close()
+    return {"tokens_per_s_by_held_context": rates}
+
+
 async def main(args) -> None:
     rng = random.Random()
     report = {
@@ -144,9 +181,18 @@ async def main(args) -> None:
         "load_average_at_start": os.getloadavg(),
         "runs": [],
     }  # fmt: skip
+    cpu = CpuMeter(os.getpid())
     for _ in range(args.repeats):
         for unified in (True, False):
-            report["runs"].append(await measure(args, unified, rng))
+            if args.wait_quiet:
+                await wait_quiet(cpu, args.wait_quiet)
+            before = cpu.snapshot()
+            held = await trio.to_thread.run_sync(held_decode, args, unified)
+            held["other_processes_cores"] = cpu.others_cores(before)
+            print(f"[kv_unified={unified}] held: {json.dumps(held)}", file=sys.stderr, flush=True)
+            run = await measure(args, unified, rng) if not args.held_only else {"kv_unified": unified}
+            run["held"] = held
+            report["runs"].append(run)
     report["load_average_at_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 
@@ -160,6 +206,7 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS")
+    p.add_argument("--held-only", action="store_true", help="only the decode rate with held context")
     return p.parse_args(argv)
 
 
