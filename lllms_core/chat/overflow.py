@@ -1,0 +1,116 @@
+"""A prompt longer than the context: one policy per model (``context_overflow``), the
+same in every engine; the engine only counts tokens.
+
+- ``drop_oldest`` (default): a prompt must leave room for the answer,
+  ``min(max_tokens or context/4, context/2)`` tokens. A chat that does not loses its
+  oldest turns: the kept history starts at a user message, and every system (and
+  developer) message and the last message are always kept. If even they leave less
+  room, they are kept as long as they fit the context with one token to spare (the
+  answer then ends with ``length`` at the context's end); else the request is refused.
+  A text prompt keeps its first token (BOS) and as many of its last tokens as fit.
+- ``error``: a prompt that does not fit the context together with ``max_tokens`` (or
+  one token) is refused.
+
+Refusals are 400 ``context_length_exceeded``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence, TypeVar
+
+from lllms_core.errors import ContextLengthExceededError
+from lllms_core.schemas import ChatMessage, DeveloperMessage, SystemMessage, UserMessage
+
+ContextOverflow = Literal["drop_oldest", "error"]
+T = TypeVar("T")
+
+
+class PromptTooLong(Exception):
+    """An engine's answer to :func:`fit_messages`: the prompt has more tokens than allowed
+    (``count``: how many it has, or at least has)."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
+        self.count = count
+
+
+class ContextBudget:
+    """How many prompt tokens a request may use in a context of ``context_size`` tokens."""
+
+    def __init__(self, context_size: int, token_limit: int | None, policy: ContextOverflow = "drop_oldest"):
+        self.context_size = context_size
+        self.token_limit = token_limit
+        self.policy = policy
+        if policy == "error":
+            self.limit = context_size - (token_limit or 1)
+        else:
+            self.limit = context_size - min(token_limit or context_size // 4, context_size // 2)
+
+    def check(self, count: int, limit: int | None = None) -> None:
+        """Raise :class:`PromptTooLong` when ``count`` prompt tokens are more than allowed."""
+        if count > (self.limit if limit is None else limit):
+            raise PromptTooLong(count)
+
+    def refused(self, count: int, param: str) -> ContextLengthExceededError:
+        if self.policy == "error":
+            detail = f" and {self.token_limit} for the completion" if self.token_limit else ""
+            message = f"this model's context holds {self.context_size} tokens; the request needs {count} for the prompt{detail}"
+        else:
+            message = (
+                f"the prompt has {count} tokens after dropping old turns; "
+                f"this model's context holds {self.context_size}"
+            )
+        return ContextLengthExceededError(message, param=param)
+
+
+def _is_system(message: ChatMessage) -> bool:
+    return isinstance(message, (SystemMessage, DeveloperMessage))
+
+
+def fit_messages(
+    messages: Sequence[ChatMessage], attempt: Callable[[list[ChatMessage], int], T], budget: ContextBudget
+) -> T:
+    """Apply the policy to a conversation. ``attempt(messages, limit)`` renders and counts
+    the messages it gets and returns the prompt, or raises :class:`PromptTooLong` when it
+    has more than ``limit`` tokens. Old turns are found by bisection: a conversation may
+    have hundreds."""
+    messages = list(messages)
+    try:
+        return attempt(messages, budget.limit)
+    except PromptTooLong as too_long:
+        if budget.policy == "error":
+            raise budget.refused(too_long.count, "messages") from None
+        count = too_long.count
+    starts = [index for index in range(1, len(messages)) if isinstance(messages[index], UserMessage)]
+    if not starts or starts[-1] != len(messages) - 1:
+        starts.append(len(messages) - 1)
+
+    def kept(start: int) -> list[ChatMessage]:
+        return [message for message in messages[:start] if _is_system(message)] + messages[start:]
+
+    best = None
+    low, high = 0, len(starts) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        try:
+            best = attempt(kept(starts[middle]), budget.limit)
+            high = middle - 1
+        except PromptTooLong as too_long:
+            count = too_long.count
+            low = middle + 1
+    if best is not None:
+        return best
+    try:
+        return attempt(kept(starts[-1]), budget.context_size - 1)
+    except PromptTooLong as too_long:
+        raise budget.refused(too_long.count, "messages") from None
+
+
+def fit_tokens(tokens: list[int], budget: ContextBudget, keep_first: bool) -> list[int]:
+    """Apply the policy to a text prompt's tokens; ``keep_first``: its first token (BOS) stays."""
+    if len(tokens) <= budget.limit:
+        return tokens
+    if budget.policy == "error":
+        raise budget.refused(len(tokens), "prompt")
+    head = tokens[:1] if keep_first else []
+    return head + tokens[len(tokens) - budget.limit + len(head) :]
