@@ -12,18 +12,27 @@
 - output: :class:`CompletionOutput` turns generated text into content and tool-call
   deltas, applying stop strings (:class:`StopStringFilter`, built on
   :func:`partial_marker_length`).
-- grammars: :func:`output_grammar` picks a request's grammar; :func:`json_schema_gbnf`
+- grammars: :func:`output_grammar` picks a request's grammar (:func:`checked_grammar`
+  checks it before the request is queued); :func:`json_schema_gbnf`
   and :func:`tool_call_gbnf` write GBNF.
-- context overflow: :class:`ContextBudget`, :func:`fit_messages`, :func:`fit_tokens`.
+- context overflow: :class:`ContextBudget`, :func:`fit_messages`, :func:`fit_tokens`,
+  :func:`fewest_tokens`.
 """
 
-from lllms_core.chat.constraints import output_grammar
+from lllms_core.chat.constraints import checked_grammar, output_grammar
 from lllms_core.chat.gbnf import json_schema_gbnf, tool_call_gbnf
 from lllms_core.chat.json_stream import JsonInvalid, JsonScanner
 from lllms_core.chat.markers import StopStringFilter, find_marker, partial_marker_length
 from lllms_core.chat.messages import NO_TEMPLATE, config_messages, template_messages
 from lllms_core.chat.output import CompletionOutput, OutputPiece
-from lllms_core.chat.overflow import ContextBudget, ContextOverflow, PromptTooLong, fit_messages, fit_tokens
+from lllms_core.chat.overflow import (
+    ContextBudget,
+    ContextOverflow,
+    PromptTooLong,
+    fewest_tokens,
+    fit_messages,
+    fit_tokens,
+)
 from lllms_core.chat.templates import CHATML_TEMPLATE, ChatTemplate, RenderedPrompt, TemplateCapabilities
 from lllms_core.chat.tool_calls import (
     DEFAULT_TOOL_FORMAT,
@@ -62,7 +71,9 @@ __all__ = [
     "ToolCallParser",
     "ToolFormat",
     "ToolSetup",
+    "checked_grammar",
     "config_messages",
+    "fewest_tokens",
     "find_marker",
     "fit_messages",
     "fit_tokens",

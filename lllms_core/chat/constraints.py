@@ -4,14 +4,20 @@ same in every engine that has grammars."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import msgspec
 
 from lllms_core.chat.gbnf import json_schema_gbnf, tool_call_gbnf
-from lllms_core.chat.tools import ToolSetup
+from lllms_core.chat.tool_calls import DEFAULT_TOOL_FORMAT
+from lllms_core.chat.tools import ToolSetup, tool_setup
 from lllms_core.errors import InvalidRequestError
-from lllms_core.schemas import ResponseFormatJsonObject, ResponseFormatJsonSchema
+from lllms_core.schemas import (
+    ChatCompletionRequest,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    TextCompletionRequest,
+)
 
 
 def output_grammar(request: Any, tools: ToolSetup | None = None, named: dict[str, str] | None = None) -> str | None:
@@ -44,3 +50,22 @@ def output_grammar(request: Any, tools: ToolSetup | None = None, named: dict[str
         schema = response_format.json_schema.schema
         return json_schema_gbnf({"type": "object"} if schema is msgspec.UNSET else schema, param="response_format")
     return None
+
+
+def checked_grammar(request: Any, parse: Callable[[str, str], None], named: dict[str, str] | None = None) -> str | None:
+    """What an engine's ``check_request`` does with a request's grammar: find it (as
+    :func:`output_grammar`) and ``parse(grammar, param)`` it, raising a 400 for one that does
+    not parse. A forced tool call's grammar follows the model's tool format, which is known
+    only with an instance: here its conflicts and parameter schemas are checked, and None
+    returned (the task builds it)."""
+    if isinstance(request, ChatCompletionRequest):
+        tools = tool_setup(request, DEFAULT_TOOL_FORMAT)
+        if tools is not None and tools.forced is not None:
+            output_grammar(request, tools)
+            return None
+    elif not isinstance(request, TextCompletionRequest):
+        return None
+    grammar = output_grammar(request, None, named)
+    if grammar is not None:
+        parse(grammar, "grammar" if request.grammar is not None else "response_format")
+    return grammar

@@ -70,9 +70,11 @@ def template_messages(
     tools: ToolSetup | None = None,
     plain: Callable[[str], str] = _keep,
     plain_value: Callable[[Any], Any] = _keep,
+    prefill: bool = True,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """The template's messages and the prefill (see the module's policy). ``plain`` and
-    ``plain_value`` mark the client's text (:meth:`ChatTemplate.plain`)."""
+    ``plain_value`` mark the client's text (:meth:`ChatTemplate.plain`). ``prefill``: a last
+    assistant message is a prefill (else a complete turn, as in a preloaded conversation)."""
     tool_format = tools.format if tools is not None else DEFAULT_TOOL_FORMAT
     turns: list[dict[str, Any]] = []
     system: list[str] = []
@@ -124,10 +126,10 @@ def template_messages(
             turns.append({"role": "user", "content": content})
     if tools is not None and not capabilities.tools:
         system.append(tools.instructions(plain))
-    prefill = None
+    continued = None
     last = messages[-1]
-    if isinstance(last, AssistantMessage) and not last.tool_calls:
-        prefill = turns.pop()["content"]
+    if prefill and isinstance(last, AssistantMessage) and not last.tool_calls:
+        continued = turns.pop()["content"]
     for turn in turns:
         turn.pop("tool_results", None)
     if system:
@@ -139,7 +141,7 @@ def template_messages(
                 turns.insert(0, {"role": "user", "content": "\n\n".join(system)})
             else:
                 first_user["content"] = "\n\n".join([*system, first_user["content"]])
-    return turns, prefill
+    return turns, continued
 
 
 def config_messages(messages: list[Any]) -> list[ChatMessage]:

@@ -27,11 +27,12 @@ T = TypeVar("T")
 
 class PromptTooLong(Exception):
     """An engine's answer to :func:`fit_messages`: the prompt has more tokens than allowed
-    (``count``: how many it has, or at least has)."""
+    (``count`` of them; ``at_least``: or more, for an engine that stopped counting)."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, at_least: bool = False):
         super().__init__(count)
         self.count = count
+        self.at_least = at_least
 
 
 class ContextBudget:
@@ -46,20 +47,19 @@ class ContextBudget:
         else:
             self.limit = context_size - min(token_limit or context_size // 4, context_size // 2)
 
-    def check(self, count: int, limit: int | None = None) -> None:
-        """Raise :class:`PromptTooLong` when ``count`` prompt tokens are more than allowed."""
+    def check(self, count: int, limit: int | None = None, at_least: bool = False) -> None:
+        """Raise :class:`PromptTooLong` when ``count`` prompt tokens (``at_least``: or more)
+        are more than allowed."""
         if count > (self.limit if limit is None else limit):
-            raise PromptTooLong(count)
+            raise PromptTooLong(count, at_least)
 
-    def refused(self, count: int, param: str) -> ContextLengthExceededError:
+    def refused(self, too_long: PromptTooLong, param: str) -> ContextLengthExceededError:
+        count = f"{'at least ' if too_long.at_least else ''}{too_long.count}"
         if self.policy == "error":
             detail = f" and {self.token_limit} for the completion" if self.token_limit else ""
             message = f"this model's context holds {self.context_size} tokens; the request needs {count} for the prompt{detail}"
         else:
-            message = (
-                f"the prompt has {count} tokens after dropping old turns; "
-                f"this model's context holds {self.context_size}"
-            )
+            message = f"the prompt has {count} tokens after dropping old turns; this model's context holds {self.context_size}"
         return ContextLengthExceededError(message, param=param)
 
 
@@ -72,38 +72,54 @@ def fit_messages(
 ) -> T:
     """Apply the policy to a conversation. ``attempt(messages, limit)`` renders and counts
     the messages it gets and returns the prompt, or raises :class:`PromptTooLong` when it
-    has more than ``limit`` tokens. Old turns are found by bisection: a conversation may
-    have hundreds."""
+    has more than ``limit`` tokens. Old turns are found by bisection (a conversation may
+    have hundreds), and no conversation is counted twice when its count already tells."""
     messages = list(messages)
+    failures: dict[int, PromptTooLong] = {}
+
+    def trial(start: int, limit: int) -> T:
+        known = failures.get(start)
+        if known is not None and known.count > limit:
+            raise known
+        kept = [message for message in messages[:start] if _is_system(message)] + messages[start:]
+        try:
+            return attempt(kept, limit)
+        except PromptTooLong as too_long:
+            failures[start] = too_long
+            raise
+
+    first = next((index for index, message in enumerate(messages) if not _is_system(message)), len(messages) - 1)
     try:
-        return attempt(messages, budget.limit)
+        return trial(first, budget.limit)
     except PromptTooLong as too_long:
         if budget.policy == "error":
-            raise budget.refused(too_long.count, "messages") from None
-        count = too_long.count
-    starts = [index for index in range(1, len(messages)) if isinstance(messages[index], UserMessage)]
-    if not starts or starts[-1] != len(messages) - 1:
-        starts.append(len(messages) - 1)
-
-    def kept(start: int) -> list[ChatMessage]:
-        return [message for message in messages[:start] if _is_system(message)] + messages[start:]
-
-    best = None
+            raise budget.refused(too_long, "messages") from None
+    last = len(messages) - 1
+    starts = [index for index in range(first + 1, last) if isinstance(messages[index], UserMessage)]
+    if last > first:
+        starts.append(last)
     low, high = 0, len(starts) - 1
+    best = None
     while low <= high:
         middle = (low + high) // 2
         try:
-            best = attempt(kept(starts[middle]), budget.limit)
+            best = trial(starts[middle], budget.limit)
             high = middle - 1
-        except PromptTooLong as too_long:
-            count = too_long.count
+        except PromptTooLong:
             low = middle + 1
     if best is not None:
         return best
-    try:
-        return attempt(kept(starts[-1]), budget.context_size - 1)
+    try:  # the system messages and the last message, with less room for the answer
+        return trial(starts[-1] if starts else first, budget.context_size - 1)
     except PromptTooLong as too_long:
-        raise budget.refused(too_long.count, "messages") from None
+        raise budget.refused(too_long, "messages") from None
+
+
+def fewest_tokens(text: str, longest_token: int) -> int:
+    """The fewest tokens ``text`` can have, given the byte length of a vocabulary's longest
+    token: a text far too long for the context is refused without tokenizing it (tokenizing
+    50 MB takes minutes)."""
+    return len(text.encode("utf-8", "surrogatepass")) // max(longest_token, 1)
 
 
 def fit_tokens(tokens: list[int], budget: ContextBudget, keep_first: bool) -> list[int]:
@@ -111,6 +127,6 @@ def fit_tokens(tokens: list[int], budget: ContextBudget, keep_first: bool) -> li
     if len(tokens) <= budget.limit:
         return tokens
     if budget.policy == "error":
-        raise budget.refused(len(tokens), "prompt")
+        raise budget.refused(PromptTooLong(len(tokens)), "prompt")
     head = tokens[:1] if keep_first else []
     return head + tokens[len(tokens) - budget.limit + len(head) :]

@@ -183,11 +183,14 @@ class ChatTemplate:
     def prompt(
         self, messages: list["ChatMessage"], tools: "ToolSetup | None" = None, *, add_generation_prompt: bool = True
     ) -> RenderedPrompt:
-        """Render request messages by the message policy (:mod:`lllms_core.chat.messages`)."""
+        """Render request messages by the message policy (:mod:`lllms_core.chat.messages`).
+        Without ``add_generation_prompt`` (a conversation to preload) a last assistant
+        message is a turn of its own, not a prefill."""
         from lllms_core.chat.messages import template_messages
 
         turns, prefill = template_messages(
-            messages, capabilities=self.capabilities, tools=tools, plain=self.plain, plain_value=self.plain_value
+            messages, capabilities=self.capabilities, tools=tools, plain=self.plain, plain_value=self.plain_value,
+            prefill=add_generation_prompt,
         )
         payload = self.plain_value(tools.payload()) if tools is not None and self.capabilities.tools else None
         return self.render(turns, tools=payload, add_generation_prompt=add_generation_prompt, prefill=prefill)

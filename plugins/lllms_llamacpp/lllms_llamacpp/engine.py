@@ -9,6 +9,7 @@ instance is created.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -159,6 +160,11 @@ class LlamaCppInstance(EngineInstance):
             else:
                 tokens += self.model.tokenize(text, add_special=number == 0 and self.model.add_bos, parse_special=special)
         return tokens
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The byte length of the vocabulary's longest token (its special tokens' text included)."""
+        return max(len(self.model.spell([token])) for token in range(self.model.n_vocab))
 
     def shown_tokens(self, tool_format: Any) -> frozenset[int]:
         """The special tokens that spell a tool format's markers (``[TOOL_CALLS]``,
@@ -370,21 +376,10 @@ class LlamaCppEngine(Engine):
     def check_request(self, model: "ModelConfig", request: Any) -> str | None:
         """Parse the request's grammar (or build it from its JSON schema) before it is queued,
         so that a grammar that does not parse is a 400 also for a streamed request; the task
-        gets it as ``context.checked``. A forced tool call's grammar follows the model's tool
-        format: here its parameter schemas are checked, the task builds it."""
-        from lllms_core.chat import DEFAULT_TOOL_FORMAT, output_grammar, tool_setup
+        gets it as ``context.checked``."""
+        from lllms_core.chat import checked_grammar
 
-        if isinstance(request, ChatCompletionRequest):
-            tools = tool_setup(request, DEFAULT_TOOL_FORMAT)
-            if tools is not None and tools.forced is not None:
-                output_grammar(request, tools)
-                return None
-        elif not isinstance(request, TextCompletionRequest):
-            return None
-        grammar = output_grammar(request, None, options_of(model).grammars)
-        if grammar is not None:
-            check_grammar(grammar, "grammar" if request.grammar is not None else "response_format")
-        return grammar
+        return checked_grammar(request, check_grammar, options_of(model).grammars)
 
     async def preload(self, context: TaskContext) -> None:
         instance: LlamaCppInstance = context.instance
@@ -412,7 +407,7 @@ class LlamaCppEngine(Engine):
     async def chat_completion(
         self, context: TaskContext, request: ChatCompletionRequest, sink: ChunkSink
     ) -> CompletionResult:
-        from lllms_core.chat import ContextBudget, fit_messages, output_grammar, tool_setup
+        from lllms_core.chat import ContextBudget, fewest_tokens, fit_messages, output_grammar, tool_setup
 
         instance = self._generator(context)
         template = instance.template
@@ -431,6 +426,7 @@ class LlamaCppEngine(Engine):
 
             def attempt(messages, limit: int) -> tuple["RenderedPrompt", list[int]]:
                 rendered = template.prompt(messages, tools)
+                budget.check(fewest_tokens(rendered.text, instance.longest_token), limit, at_least=True)
                 tokens = instance.tokenize_rendered(rendered)
                 budget.check(len(tokens), limit)
                 return rendered, tokens
