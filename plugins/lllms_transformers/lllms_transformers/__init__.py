@@ -100,6 +100,14 @@ class TransformersEngine(Engine):
         instance.slot_states = [None] * instance.slots
         await trio.to_thread.run_sync(loaded.close)
 
+    def check_request(self, model, request):
+        """Parse the request's grammar before it is queued (a 400, also for a streamed request)."""
+        from lllms_core.chat import checked_grammar
+
+        from lllms_transformers.structured import check_grammar
+
+        return checked_grammar(request, check_grammar) if model.task in ("chat-completion", "text-completion") else None
+
     async def preload(self, context):
         if context.model.task in ("chat-completion", "text-completion"):
             from lllms_transformers import generation
