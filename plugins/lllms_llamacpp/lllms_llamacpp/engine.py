@@ -316,7 +316,8 @@ def load_instance(
 
 
 def check_grammar(grammar: str, param: str) -> None:
-    """Parse a GBNF grammar (without a vocabulary); a 400 with llama.cpp's reason if it does not parse."""
+    """Parse a GBNF grammar (without a vocabulary); a 400 if it does not parse (llama.cpp
+    writes where on stderr)."""
     import llama_cpp
 
     from lllms_llamacpp.native import native_error_reason, quiet_llama_logs
