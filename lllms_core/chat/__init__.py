@@ -15,8 +15,8 @@
 - grammars: :func:`output_grammar` picks a request's grammar (:func:`checked_grammar`
   checks it before the request is queued); :func:`json_schema_gbnf`
   and :func:`tool_call_gbnf` write GBNF.
-- context overflow: :class:`ContextBudget`, :func:`fit_messages`, :func:`fit_tokens`,
-  :func:`fewest_tokens`.
+- context overflow: :class:`ContextBudget`, :func:`fit_chat` (for an engine with a
+  tokenizer), :func:`fit_messages`, :func:`fit_tokens`, :func:`fewest_tokens`.
 """
 
 from lllms_core.chat.constraints import checked_grammar, output_grammar
@@ -30,6 +30,7 @@ from lllms_core.chat.overflow import (
     ContextOverflow,
     PromptTooLong,
     fewest_tokens,
+    fit_chat,
     fit_messages,
     fit_tokens,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "config_messages",
     "fewest_tokens",
     "find_marker",
+    "fit_chat",
     "fit_messages",
     "fit_tokens",
     "json_schema_gbnf",

@@ -16,10 +16,14 @@ Refusals are 400 ``context_length_exceeded``.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence, TypeVar
+from typing import TYPE_CHECKING, Callable, Literal, Sequence, TypeVar
 
 from lllms_core.errors import ContextLengthExceededError
 from lllms_core.schemas import ChatMessage, DeveloperMessage, SystemMessage, UserMessage
+
+if TYPE_CHECKING:
+    from lllms_core.chat.templates import ChatTemplate, RenderedPrompt
+    from lllms_core.chat.tools import ToolSetup
 
 ContextOverflow = Literal["drop_oldest", "error"]
 T = TypeVar("T")
@@ -113,6 +117,29 @@ def fit_messages(
         return trial(starts[-1] if starts else first, budget.context_size - 1)
     except PromptTooLong as too_long:
         raise budget.refused(too_long, "messages") from None
+
+
+def fit_chat(
+    messages: Sequence[ChatMessage],
+    template: "ChatTemplate",
+    tools: "ToolSetup | None",
+    budget: ContextBudget,
+    tokenize: Callable[["RenderedPrompt"], list[int]],
+    longest_token: int,
+) -> tuple["RenderedPrompt", list[int]]:
+    """:func:`fit_messages` for an engine with a tokenizer: the conversation rendered by
+    ``template`` and tokenized by ``tokenize`` (client text as plain text), after dropping
+    what the policy drops. ``longest_token``: the byte length of the vocabulary's longest
+    token, for :func:`fewest_tokens`."""
+
+    def attempt(kept: list[ChatMessage], limit: int) -> tuple["RenderedPrompt", list[int]]:
+        rendered = template.prompt(kept, tools)
+        budget.check(fewest_tokens(rendered.text, longest_token), limit, at_least=True)
+        tokens = tokenize(rendered)
+        budget.check(len(tokens), limit)
+        return rendered, tokens
+
+    return fit_messages(messages, attempt, budget)
 
 
 def fewest_tokens(text: str, longest_token: int) -> int:

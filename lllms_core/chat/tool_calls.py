@@ -401,16 +401,21 @@ class HermesParser(ToolCallParser):
     markers = ("<tool_call>",)
 
     def read_calls(self, marker: str) -> Reading:
-        reader = self.reader
         while True:
             yield from self.read_json_call()
-            yield from reader.skip_whitespace()
-            if reader.eof and not reader.buffer:
-                return  # a last call without its closing tag
-            yield from reader.expect("</tool_call>")
-            yield from reader.skip_whitespace()
-            if not (yield from reader.accept("<tool_call>")):
+            if not (yield from self.next_block()):
                 return
+
+    def next_block(self) -> Reading:
+        """After a block's call: its ``</tool_call>`` (the last block may lack it), then
+        whether another block follows."""
+        reader = self.reader
+        yield from reader.skip_whitespace()
+        if reader.eof and not reader.buffer:
+            return False
+        yield from reader.expect("</tool_call>")
+        yield from reader.skip_whitespace()
+        return (yield from reader.accept("<tool_call>"))
 
 
 class Hermes(ToolFormat):
@@ -518,8 +523,7 @@ class Mistral(ToolFormat):
 PARAMETER_END = "\n</parameter>"
 
 
-class QwenCoderParser(ToolCallParser):
-    markers = ("<tool_call>",)
+class QwenCoderParser(HermesParser):
 
     def read_calls(self, marker: str) -> Reading:
         reader = self.reader
@@ -540,12 +544,7 @@ class QwenCoderParser(ToolCallParser):
             if not sent:
                 self.add_arguments("{", "}")
             self.end_call()
-            yield from reader.skip_whitespace()
-            if reader.eof and not reader.buffer:
-                return
-            yield from reader.expect("</tool_call>")
-            yield from reader.skip_whitespace()
-            if not (yield from reader.accept("<tool_call>")):
+            if not (yield from self.next_block()):
                 return
 
     def _parameter(self, key: str, lead: str) -> Reading:

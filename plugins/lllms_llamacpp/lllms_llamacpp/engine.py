@@ -408,7 +408,7 @@ class LlamaCppEngine(Engine):
     async def chat_completion(
         self, context: TaskContext, request: ChatCompletionRequest, sink: ChunkSink
     ) -> CompletionResult:
-        from lllms_core.chat import ContextBudget, fewest_tokens, fit_messages, output_grammar, tool_setup
+        from lllms_core.chat import ContextBudget, fit_chat, output_grammar, tool_setup
 
         instance = self._generator(context)
         template = instance.template
@@ -424,15 +424,9 @@ class LlamaCppEngine(Engine):
             else:
                 grammar = output_grammar(request, None, instance.options.grammars)
             budget = ContextBudget(instance.n_ctx_seq, request.token_limit, context.model.context_overflow)
-
-            def attempt(messages, limit: int) -> tuple["RenderedPrompt", list[int]]:
-                rendered = template.prompt(messages, tools)
-                budget.check(fewest_tokens(rendered.text, instance.longest_token), limit, at_least=True)
-                tokens = instance.tokenize_rendered(rendered)
-                budget.check(len(tokens), limit)
-                return rendered, tokens
-
-            rendered, prompt = fit_messages(request.messages, attempt, budget)
+            rendered, prompt = fit_chat(
+                request.messages, template, tools, budget, instance.tokenize_rendered, instance.longest_token
+            )
             if not context.fresh and not rendered.plain_spans:
                 prompt = instance.keep_held_tokens(context.slot, prompt)
             return self._jobs(context, request, [prompt], grammar, tools)

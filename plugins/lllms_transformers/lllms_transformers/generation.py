@@ -44,8 +44,7 @@ from lllms_core.chat import (
     ContextBudget,
     RenderedPrompt,
     config_messages,
-    fewest_tokens,
-    fit_messages,
+    fit_chat,
     fit_tokens,
     tool_setup,
 )
@@ -511,15 +510,7 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
         tools = tool_setup(request, template.tool_format)
         grammar = generator.grammars.for_request(request, tools, context.checked)
         budget = ContextBudget(generator.context_size, request.token_limit, context.model.context_overflow)
-
-        def attempt(messages, limit: int) -> list[int]:
-            rendered = template.prompt(messages, tools)
-            budget.check(fewest_tokens(rendered.text, generator.longest_token), limit, at_least=True)
-            tokens = generator.tokenize_rendered(rendered)
-            budget.check(len(tokens), limit)
-            return tokens
-
-        prompt = fit_messages(request.messages, attempt, budget)
+        _, prompt = fit_chat(request.messages, template, tools, budget, generator.tokenize_rendered, generator.longest_token)
         return prompt, grammar, tools, _sampling(engine, request, generator, top)
 
     prompt, grammar, tools, sampling = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)

@@ -30,6 +30,29 @@ def chat(client, content="What is the weather in Oslo?", **fields):
     return client.chat.completions.create(**(options | fields))
 
 
+def test_a_required_tool_call_comes_back_as_a_tool_call(client):
+    choice = chat(client, "What is the weather in Paris?", tools=[WEATHER], tool_choice="required",
+                  parallel_tool_calls=False, max_tokens=40).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.id and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_a_streamed_tool_call_starts_with_its_id_and_name(client):
+    deltas, reasons = [], []
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for chunk in chat(client, "What is the weather in Paris?", tools=[WEATHER], tool_choice=named, max_tokens=40, stream=True):
+        if chunk.choices:
+            deltas.extend(chunk.choices[0].delta.tool_calls or [])
+            reasons.append(chunk.choices[0].finish_reason)
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert all(delta.index == 0 and not delta.id for delta in deltas[1:])
+    json.loads("".join(delta.function.arguments or "" for delta in deltas))
+    assert reasons[-1] == "tool_calls"
+
+
 def test_required_calls_with_parallel_calls_allowed_end_instead_of_repeating(client):
     choice = chat(client, tools=[WEATHER], tool_choice="required").choices[0]
     assert choice.finish_reason == "tool_calls"
