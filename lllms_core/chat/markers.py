@@ -40,11 +40,13 @@ class StopStringFilter:
 
     ``push(text)`` returns ``(text_to_emit, stopped)``; after a stop, generation ends.
     ``flush()`` returns what was held back when generation ends without a stop.
+    ``matched`` is the stop string found, once one is.
     """
 
     def __init__(self, stops: Iterable[str]):
         self.stops = [stop for stop in stops if stop]
         self.pending = ""
+        self.matched: str | None = None
 
     def push(self, text: str) -> tuple[str, bool]:
         if not self.stops:
@@ -53,6 +55,7 @@ class StopStringFilter:
         found = find_marker(self.pending, self.stops)
         if found is not None:
             emitted, self.pending = self.pending[: found[0]], ""
+            self.matched = found[1]
             return emitted, True
         keep = partial_marker_length(self.pending, self.stops)
         cut = len(self.pending) - keep

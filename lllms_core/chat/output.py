@@ -74,6 +74,11 @@ class CompletionOutput:
         return OutputPiece(content, deltas)
 
     @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the choice, if one did."""
+        return self.stops.matched
+
+    @property
     def called(self) -> bool:
         return self.parser is not None and self.parser.called
 

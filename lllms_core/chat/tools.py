@@ -54,14 +54,15 @@ class ToolSetup(msgspec.Struct, kw_only=True, frozen=True):
 
 def tool_setup(request: ChatCompletionRequest, tool_format: type[ToolFormat]) -> ToolSetup | None:
     """The request's tools in ``tool_format``, or None when it uses none (no tools, or
-    ``tool_choice: "none"``). A named function that is not among the tools is a 400."""
-    if not request.tools or request.tool_choice == "none":
+    ``tool_choice: "none"``). A named function that is not among the tools is a 400.
+    (Any request with ``tools`` will do: one without ``tool_choice`` is ``"auto"``.)"""
+    choice = getattr(request, "tool_choice", None)
+    if not request.tools or choice == "none":
         return None
     functions = {
         tool.function.name: (tool.function.parameters if tool.function.parameters is not msgspec.UNSET else {"type": "object"})
         for tool in request.tools
     }
-    choice = request.tool_choice
     forced: tuple[str, ...] | None = None
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in functions:
@@ -71,5 +72,5 @@ def tool_setup(request: ChatCompletionRequest, tool_format: type[ToolFormat]) ->
         forced = (choice.function.name,)
     elif choice == "required":
         forced = tuple(functions)
-    parallel = request.parallel_tool_calls is not False and not isinstance(choice, NamedToolChoice)
+    parallel = getattr(request, "parallel_tool_calls", None) is not False and not isinstance(choice, NamedToolChoice)
     return ToolSetup(format=tool_format, tools=tuple(request.tools), functions=functions, forced=forced, parallel=parallel)

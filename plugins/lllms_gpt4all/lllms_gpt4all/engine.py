@@ -194,6 +194,7 @@ class Generation:
         """The task's result (``cached`` prompt tokens were reused from the slot)."""
         return CompletionResult(
             finish_reasons=[self.finish_reason(context_full)],
+            stop_sequences=[self.output.stop_sequence],
             usage=Usage(
                 prompt_tokens=self.cached + self.prompt_tokens,
                 completion_tokens=self.tokens,
@@ -290,7 +291,7 @@ class Gpt4AllEngine(Engine):
             native = await trio.to_thread.run_sync(load, msgspec.structs.replace(device, gpu=False))
         log.info("model %r loaded by gpt4all on %s", model.id, native.device or native.backend)
         return Gpt4AllInstance(native=native, chat_format=prepared.chat_format, context_size=context_size,
-                               tool_format=tool_format_for(prepared.chat_template))
+                               tool_format=tool_format_for(prepared.chat_template), chat_template=prepared.chat_template)
 
     async def dispose_instance(self, instance: Gpt4AllInstance) -> None:
         # through the limiter: never while a generation still runs in its thread

@@ -36,16 +36,12 @@ from lllms_core.plugin_api import (
     EngineInstance,
     InvalidRequestError,
     ModelLoadError,
-    NamedToolChoice,
-    ResponseFormatJsonObject,
-    ResponseFormatJsonSchema,
     TaskContext,
     TextCompletionRequest,
     TokenizeRequest,
     TokenizeResult,
     Usage,
     common_prefix,
-    message_text,
     normalize_embedding,
 )
 
@@ -510,12 +506,10 @@ class LlamaCppEngine(Engine):
         if request.messages is not None:
             if instance.template is None:
                 raise InvalidRequestError(f"model {request.model!r} has no chat template", param="messages")
-            from lllms_llamacpp.chat import prepare_messages, tool_definitions
+            from lllms_core.chat import tool_setup
 
-            tools = tool_definitions(request.tools) if request.tools else None
-            messages, prefill = prepare_messages(request.messages, instance.template, tools)
-            text = instance.template.render(messages, tools=tools if instance.template.knows_tools else None, add_generation_prompt=True)
-            tokens = instance.tokenize_chat(text + (prefill or ""), [message_text(m) for m in request.messages])
+            tools = tool_setup(request, instance.template.tool_format)
+            tokens = instance.tokenize_rendered(instance.template.prompt(request.messages, tools))
         else:
             tokens = model.tokenize(request.content, add_special=request.add_special, parse_special=False)
         pieces = [model.piece_text(token) for token in tokens] if request.with_pieces else None
@@ -652,7 +646,7 @@ class LlamaCppEngine(Engine):
             usage.completion_tokens += completion_tokens
             finish_reasons.append(job.stream.output.finish_reason(reason))
         await trio.lowlevel.checkpoint()
-        stops = [job.stream.filter.matched for job in jobs]
+        stops = [job.stream.output.stop_sequence for job in jobs]
         return CompletionResult(finish_reasons=finish_reasons, usage=usage, stop_sequences=stops)
 
     async def _run(self, instance: LlamaCppInstance, jobs: list["Job"], on_chunk) -> dict[int, tuple]:

@@ -365,10 +365,11 @@ def generate_choice(
     sink,
     index: int,
     model_inputs: dict | None = None,
-) -> tuple[str, int, int]:
-    """Generate one choice in a worker thread; return (finish reason, completion tokens, cached tokens).
-    ``model_inputs``: a vision-language model's image inputs (``pixel_values``...); the prompt's
-    image tokens do not tell images apart, so such a prompt reuses no cache and leaves none."""
+) -> tuple[str, int, int, str | None]:
+    """Generate one choice in a worker thread; return (finish reason, completion tokens, cached
+    tokens, the stop string that ended it). ``model_inputs``: a vision-language model's image
+    inputs (``pixel_values``...); the prompt's image tokens do not tell images apart, so such a
+    prompt reuses no cache and leaves none."""
     model = generator.model
     room = generator.context_size - len(prompt)  # at least one: the core's overflow policy fitted the prompt
     max_new = min(sampling.max_tokens or room, room)
@@ -434,7 +435,7 @@ def generate_choice(
     if handler.cancelled is not None:
         raise handler.cancelled
     handler.flush()
-    return output.finish_reason("stop" if handler.ended else "length"), handler.count, reused
+    return output.finish_reason("stop" if handler.ended else "length"), handler.count, reused, output.stop_sequence
 
 
 def _slot_state(context) -> SlotState:
@@ -447,23 +448,30 @@ def _slot_state(context) -> SlotState:
 async def _run_choices(
     context, prompt: list[int], sampling, grammar, tools, sink, first_index: int, choices: int, model_inputs=None
 ):
-    """Run ``choices`` choices of one prompt; return (finish reasons by index, usage)."""
+    """Run ``choices`` choices of one prompt; return (finish reason and stop string by index, usage)."""
     generator: TextGenerator = context.instance.loaded
     state = _slot_state(context)
-    reasons: dict[int, str] = {}
+    ends: dict[int, tuple[str, str | None]] = {}
     completion_tokens = cached = 0
     # the last choice run stays in the slot's cache: run the first choice last, as the
     # pool's context identity of the slot follows choice 0
     for index in reversed(range(first_index, first_index + choices)):
-        reason, tokens, reused = await trio.to_thread.run_sync(
+        reason, tokens, reused, stop = await trio.to_thread.run_sync(
             generate_choice, generator, state, prompt, sampling, grammar, tools, sink, index, model_inputs,
             limiter=context.instance.limiter,
         )  # fmt: skip
-        reasons[index] = reason
+        ends[index] = (reason, stop)
         completion_tokens += tokens
         if index == first_index:
             cached = reused
-    return reasons, Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens, cached_tokens=cached)
+    return ends, Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens, cached_tokens=cached)
+
+
+def _result(ends: dict[int, tuple[str, str | None]], usage: Usage) -> CompletionResult:
+    order = sorted(ends)
+    return CompletionResult(
+        finish_reasons=[ends[i][0] for i in order], stop_sequences=[ends[i][1] for i in order], usage=usage
+    )
 
 
 def preload_slot(generator: TextGenerator, state: SlotState, tokens: list[int]) -> None:
@@ -514,8 +522,8 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
         return prompt, grammar, tools, _sampling(engine, request, generator, top)
 
     prompt, grammar, tools, sampling = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
-    reasons, usage = await _run_choices(context, prompt, sampling, grammar, tools, sink, 0, request.choices)
-    return CompletionResult(finish_reasons=[reasons[i] for i in range(request.choices)], usage=usage)
+    ends, usage = await _run_choices(context, prompt, sampling, grammar, tools, sink, 0, request.choices)
+    return _result(ends, usage)
 
 
 # --- text -------------------------------------------------------------------------------
@@ -545,14 +553,14 @@ async def text_completion(engine, context, request: TextCompletionRequest, sink)
         return prompts, grammar, _sampling(engine, request, generator, request.logprobs)
 
     prompts, grammar, sampling = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
-    reasons: dict[int, str] = {}
+    ends: dict[int, tuple[str, str | None]] = {}
     usage = Usage()
     for number, (tokens, text) in enumerate(prompts):
         first = number * request.choices
         if request.echo:
             for index in range(first, first + request.choices):
                 await sink.send(CompletionChunk(index=index, text=text))
-        choice_reasons, choice_usage = await _run_choices(context, tokens, sampling, grammar, None, sink, first, request.choices)
-        reasons.update(choice_reasons)
+        choice_ends, choice_usage = await _run_choices(context, tokens, sampling, grammar, None, sink, first, request.choices)
+        ends.update(choice_ends)
         usage = usage + choice_usage
-    return CompletionResult(finish_reasons=[reasons[i] for i in range(len(reasons))], usage=usage)
+    return _result(ends, usage)
