@@ -84,6 +84,18 @@ def test_the_model_writes_a_call_on_its_own_after_an_example_and_it_streams(clie
     assert reasons[-1] == "tool_calls"
 
 
+def test_a_tool_result_reaches_the_answer(client):
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 18, "sky": "sunny"}'},
+    ]  # fmt: skip
+    choice = chat(client, messages=messages, tools=[WEATHER], max_tokens=30).choices[0]
+    assert not choice.message.tool_calls
+    assert "18" in choice.message.content or "sunny" in choice.message.content.lower(), choice.message.content
+
+
 def json_schema(schema: dict) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
 
