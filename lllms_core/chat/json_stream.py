@@ -140,11 +140,11 @@ class JsonScanner:
             pass
         elif state in ("value", "item_or_end"):
             if state == "item_or_end" and c == "]":
-                self._close("[")
+                self._close()
             else:
                 self._start_value(c)
         elif state == "key_or_end" and c == "}":
-            self._close("{")
+            self._close()
         elif state in ("key_or_end", "key"):
             if c != '"':
                 self._fail(c)
@@ -160,7 +160,7 @@ class JsonScanner:
                 self._hold()
                 self.state = "key" if opener == "{" else "value"
             elif c == CLOSERS[opener]:
-                self._close(opener)
+                self._close()
             else:
                 self._fail(c)
         else:
@@ -189,7 +189,7 @@ class JsonScanner:
         if self.escape_hold:
             self._release()
 
-    def _close(self, opener: str) -> None:
+    def _close(self) -> None:
         self.stack.pop()
         self._value_ended()
 

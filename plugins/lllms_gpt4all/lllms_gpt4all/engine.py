@@ -33,7 +33,6 @@ from lllms_core.engine import ChunkSink, Device, Engine, EngineInstance, TaskCon
 from lllms_core.errors import InvalidRequestError, ModelLoadError
 from lllms_core.schemas import (
     ChatCompletionRequest,
-    CompletionChunk,
     CompletionResult,
     EmbeddingRequest,
     EmbeddingResult,
