@@ -151,11 +151,18 @@ def test_a_last_assistant_message_is_a_prefill():
     assert preloaded.text.endswith("<|im_start|>assistant\nHello<|im_end|>\n")
 
 
-def test_image_parts_are_refused_naming_the_message():
+def test_images_are_a_marker_or_content_parts_for_a_model_that_sees_them_and_refused_otherwise():
     image = UserMessage(content=[TextPart(text="What is this?"), ImageUrlPart(image_url=ImageUrl(url="data:,"))])
-    with pytest.raises(UnsupportedParameterError) as refused:
+    with pytest.raises(UnsupportedParameterError, match=r"messages\[1\] has image") as refused:
         template_messages([UserMessage(content="Hi"), image])
-    assert refused.value.param == "messages[1].content"
+    assert refused.value.param == "messages"
+    turns, _ = template_messages([image], image_marker="<image>")
+    assert turns == [{"role": "user", "content": "What is this?<image>"}]
+    turns, _ = template_messages([SystemMessage(content="Be brief."), image], content_parts=True)
+    assert turns == [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]},
+    ]
 
 
 def test_client_text_that_spells_special_tokens_is_a_plain_span():

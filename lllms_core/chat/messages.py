@@ -14,7 +14,9 @@
   of the function called; otherwise consecutive results become one user message of
   ``<tool_response>…</tool_response>`` blocks.
 - **A last assistant message** without calls is a prefill: the answer continues it.
-- Only text content is read: image or audio parts are refused (400).
+- **Images** in user messages reach a model that sees images: as a marker in the text the
+  engine replaces with the image's tokens, or as ``{"type": "image"}`` content parts for a
+  vision-language template. Otherwise image and audio parts are refused (400).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from lllms_core.schemas import (
     AssistantMessage,
     ChatMessage,
     DeveloperMessage,
+    ImageUrlPart,
     RefusalPart,
     SystemMessage,
     TextPart,
     ToolMessage,
+    UserMessage,
     message_text,
 )
 
@@ -49,9 +53,29 @@ def _text(message: ChatMessage, index: int) -> str:
     content = message.content
     if isinstance(content, list) and any(not isinstance(part, (TextPart, RefusalPart)) for part in content):
         raise UnsupportedParameterError(
-            "this model reads text only; the message has image or audio content", param=f"messages[{index}].content"
+            f"this model reads text only; messages[{index}] has image or audio content", param="messages"
         )
     return message_text(message)
+
+
+def _user_content(message: UserMessage, index: int, plain: Callable[[str], str], image_marker: str | None,
+                  content_parts: bool) -> str | list[dict[str, Any]]:
+    """A user message's content: its text, with its images as ``image_marker`` or, for a
+    template that takes content parts, as ``{"type": "image"}`` parts in their place."""
+    content = message.content
+    seeing = image_marker is not None or content_parts
+    if isinstance(content, str) or not seeing or not any(isinstance(part, ImageUrlPart) for part in content):
+        return plain(_text(message, index))
+    if any(not isinstance(part, (TextPart, ImageUrlPart)) for part in content):
+        raise UnsupportedParameterError(f"this model reads text and images; messages[{index}] has audio", param="messages")
+    if content_parts:
+        return [{"type": "image"} if isinstance(part, ImageUrlPart) else {"type": "text", "text": plain(part.text)}
+                for part in content]
+    return plain(message_text(message, image_marker))
+
+
+def _as_parts(content: Any) -> list[dict[str, Any]]:
+    return content if isinstance(content, list) else [{"type": "text", "text": content}]
 
 
 def _arguments(arguments: str, as_object: bool) -> Any:
@@ -71,17 +95,22 @@ def template_messages(
     plain: Callable[[str], str] = _keep,
     plain_value: Callable[[Any], Any] = _keep,
     prefill: bool = True,
+    image_marker: str | None = None,
+    content_parts: bool = False,
 ) -> tuple[list[dict[str, Any]], str | None]:
     """The template's messages and the prefill (see the module's policy). ``plain`` and
     ``plain_value`` mark the client's text (:meth:`ChatTemplate.plain`). ``prefill``: a last
-    assistant message is a prefill (else a complete turn, as in a preloaded conversation)."""
+    assistant message is a prefill (else a complete turn, as in a preloaded conversation).
+    For a model that sees images, a user message's images are ``image_marker`` in its text,
+    or with ``content_parts`` (vision-language templates) every content is a list of parts
+    and images are ``{"type": "image"}`` parts; else images are refused."""
     tool_format = tools.format if tools is not None else DEFAULT_TOOL_FORMAT
     turns: list[dict[str, Any]] = []
     system: list[str] = []
     call_names: dict[str, str] = {}
     pending_system: list[str] = []  # for a template without a system role: goes into the next user turn
     for index, message in enumerate(messages):
-        text = _text(message, index)
+        text = _text(message, index) if not isinstance(message, UserMessage) else ""
         if isinstance(message, (SystemMessage, DeveloperMessage)):
             if not turns:
                 system.append(plain(text))
@@ -119,9 +148,10 @@ def template_messages(
             else:
                 turns.append({"role": "user", "content": block, "tool_results": True})
         else:
-            content = plain(text)
+            content = _user_content(message, index, plain, image_marker, content_parts)
             if pending_system:
-                content = "\n\n".join([*pending_system, content])
+                content = [{"type": "text", "text": "\n\n".join(pending_system)}, *content] if isinstance(content, list) \
+                    else "\n\n".join([*pending_system, content])
                 pending_system = []
             turns.append({"role": "user", "content": content})
     if tools is not None and not capabilities.tools:
@@ -139,8 +169,12 @@ def template_messages(
             first_user = next((turn for turn in turns if turn["role"] == "user"), None)
             if first_user is None:
                 turns.insert(0, {"role": "user", "content": "\n\n".join(system)})
+            elif isinstance(first_user["content"], list):
+                first_user["content"] = [{"type": "text", "text": "\n\n".join(system)}, *first_user["content"]]
             else:
                 first_user["content"] = "\n\n".join([*system, first_user["content"]])
+    if content_parts:
+        turns = [dict(turn, content=_as_parts(turn["content"])) for turn in turns]
     return turns, continued
 
 

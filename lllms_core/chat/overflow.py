@@ -124,18 +124,20 @@ def fit_chat(
     template: "ChatTemplate",
     tools: "ToolSetup | None",
     budget: ContextBudget,
-    tokenize: Callable[["RenderedPrompt"], list[int]],
+    tokenize: Callable[["RenderedPrompt", list[ChatMessage]], list[int]],
     longest_token: int,
+    image_marker: str | None = None,
 ) -> tuple["RenderedPrompt", list[int]]:
     """:func:`fit_messages` for an engine with a tokenizer: the conversation rendered by
-    ``template`` and tokenized by ``tokenize`` (client text as plain text), after dropping
-    what the policy drops. ``longest_token``: the byte length of the vocabulary's longest
-    token, for :func:`fewest_tokens`."""
+    ``template`` and tokenized by ``tokenize(rendered, kept messages)`` (client text as plain
+    text; images, if any, are those of the kept messages), after dropping what the policy
+    drops. ``longest_token``: the byte length of the vocabulary's longest token, for
+    :func:`fewest_tokens`."""
 
     def attempt(kept: list[ChatMessage], limit: int) -> tuple["RenderedPrompt", list[int]]:
-        rendered = template.prompt(kept, tools)
+        rendered = template.prompt(kept, tools, image_marker=image_marker)
         budget.check(fewest_tokens(rendered.text, longest_token), limit, at_least=True)
-        tokens = tokenize(rendered)
+        tokens = tokenize(rendered, kept)
         budget.check(len(tokens), limit)
         return rendered, tokens
 

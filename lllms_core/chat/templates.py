@@ -119,13 +119,23 @@ class ChatTemplate:
     ``special_tokens``: the texts the model's tokenizer turns into special tokens (the
     client's text that spells one is marked plain). ``variables``: what the template
     gets besides ``messages``, ``tools`` and ``add_generation_prompt``, such as
-    ``bos_token`` and ``eos_token``.
+    ``bos_token`` and ``eos_token``. ``content_parts``: the template takes every message's
+    content as a list of parts, images among them (vision-language models).
     """
 
-    def __init__(self, source: str | None, *, special_tokens: Iterable[str] = (), variables: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        source: str | None,
+        *,
+        special_tokens: Iterable[str] = (),
+        variables: dict[str, Any] | None = None,
+        content_parts: bool = False,
+    ):
         import jinja2
 
         self.source = source or CHATML_TEMPLATE
+        self.content_parts = content_parts
+        """Every message's content is given as a list of parts (vision-language templates)."""
         self.special_tokens = tuple(sorted({token for token in special_tokens if token}, key=len, reverse=True))
         self.variables = dict(variables or {})
         try:
@@ -181,16 +191,22 @@ class ChatTemplate:
         return _find_plain(text + (prefill or ""))
 
     def prompt(
-        self, messages: list["ChatMessage"], tools: "ToolSetup | None" = None, *, add_generation_prompt: bool = True
+        self,
+        messages: list["ChatMessage"],
+        tools: "ToolSetup | None" = None,
+        *,
+        add_generation_prompt: bool = True,
+        image_marker: str | None = None,
     ) -> RenderedPrompt:
         """Render request messages by the message policy (:mod:`lllms_core.chat.messages`).
         Without ``add_generation_prompt`` (a conversation to preload) a last assistant
-        message is a turn of its own, not a prefill."""
+        message is a turn of its own, not a prefill. ``image_marker``: the text that stands
+        for each image (for an engine that puts the image's tokens there)."""
         from lllms_core.chat.messages import template_messages
 
         turns, prefill = template_messages(
             messages, capabilities=self.capabilities, tools=tools, plain=self.plain, plain_value=self.plain_value,
-            prefill=add_generation_prompt,
+            prefill=add_generation_prompt, image_marker=image_marker, content_parts=self.content_parts,
         )
         payload = self.plain_value(tools.payload()) if tools is not None and self.capabilities.tools else None
         return self.render(turns, tools=payload, add_generation_prompt=add_generation_prompt, prefill=prefill)
@@ -199,6 +215,8 @@ class ChatTemplate:
 
     def _probe(self) -> TemplateCapabilities:
         def renders(marker: str, messages: list[dict], tools: list[dict] | None = None) -> bool:
+            if self.content_parts:
+                messages = [dict(message, content=[{"type": "text", "text": message["content"]}]) for message in messages]
             try:
                 return marker in self.render(messages, tools=tools).text
             except Exception:  # a template that refuses the probe does not do what it probes

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from lllms_core.plugin_api import ModelConfig
 
     from lllms_core.chat import ChatTemplate, CompletionOutput, RenderedPrompt, ToolSetup
+    from lllms_llamacpp.vision import PromptImages
 
     from lllms_llamacpp.native import Context, Model, SamplingParams
     from lllms_llamacpp.scheduler import Job, Scheduler
@@ -146,15 +147,21 @@ class LlamaCppInstance(EngineInstance):
         add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
         return model.tokenize(text, add_special=add_bos, parse_special=True)
 
-    def tokenize_rendered(self, prompt: "RenderedPrompt") -> list[int]:
+    def tokenize_rendered(self, prompt: "RenderedPrompt", images: "PromptImages | None" = None) -> list[int]:
         """Tokens of a rendered chat: the template's special tokens are parsed, the client's
-        text (its plain spans) never is, so a message cannot forge a turn."""
+        text (its plain spans) never is, so a message cannot forge a turn. With ``images``,
+        each of their markers in the text is the image's tokens."""
+        pieces = prompt.pieces()
+        image_tokens = iter(images.tokens_for(prompt.text) if images else ())
         tokens: list[int] = []
-        for number, (text, special) in enumerate(prompt.pieces()):
-            if number == 0 and special:
-                tokens += self.tokenize_prompt(text)
-            else:
-                tokens += self.model.tokenize(text, add_special=number == 0 and self.model.add_bos, parse_special=special)
+        for number, (text, special) in enumerate(pieces):
+            for part, segment in enumerate(text.split(images.marker) if images else [text]):
+                if part:
+                    tokens += next(image_tokens)
+                if not tokens and special:
+                    tokens += self.tokenize_prompt(segment)
+                elif segment or not tokens:
+                    tokens += self.model.tokenize(segment, add_special=not tokens and self.model.add_bos, parse_special=special)
         return tokens
 
     @functools.cached_property
@@ -421,14 +428,23 @@ class LlamaCppEngine(Engine):
                 grammar = output_grammar(request, None, instance.options.grammars)
             budget = ContextBudget(instance.n_ctx_seq, request.token_limit, context.model.context_overflow)
             rendered, prompt = fit_chat(
-                request.messages, template, tools, budget, instance.tokenize_rendered, instance.longest_token
-            )
-            if not context.fresh and not rendered.plain_spans:
+                request.messages, template, tools, budget,
+                lambda rendered, kept: instance.tokenize_rendered(rendered, images), instance.longest_token,
+                image_marker=images.marker if images else None,
+            )  # fmt: skip
+            if not images and not context.fresh and not rendered.plain_spans:
                 prompt = instance.keep_held_tokens(context.slot, prompt)
-            return self._jobs(context, request, [prompt], grammar, tools)
+            return self._jobs(context, request, [prompt], grammar, tools, images.positions(prompt) if images else None)
 
-        jobs = await trio.to_thread.run_sync(prepare, limiter=instance.limiter)
-        return await self._complete(instance, sink, jobs, echo=[None])
+        from lllms_llamacpp.vision import prompt_images
+
+        images = await prompt_images(instance, context, request)
+        try:
+            jobs = await trio.to_thread.run_sync(prepare, limiter=instance.limiter)
+            return await self._complete(instance, sink, jobs, echo=[None])
+        finally:
+            if images:
+                images.release()
 
     async def text_completion(
         self, context: TaskContext, request: TextCompletionRequest, sink: ChunkSink
@@ -584,13 +600,15 @@ class LlamaCppEngine(Engine):
         return request.logprobs
 
     def _jobs(
-        self, context: TaskContext, request: Any, prompts: list[list[int]], grammar: str | None, tools: "ToolSetup | None"
+        self, context: TaskContext, request: Any, prompts: list[list[int]], grammar: str | None,
+        tools: "ToolSetup | None", media: dict | None = None,
     ) -> list["Job"]:
-        """``n`` jobs per prompt, with their samplers (which parse the grammar); in a worker thread."""
+        """``n`` jobs per prompt, with their samplers (which parse the grammar); in a worker
+        thread. ``media``: where the first prompt's images are (see :mod:`lllms_llamacpp.vision`)."""
         from lllms_core.chat import CompletionOutput
 
         from lllms_llamacpp.native import Sampler
-        from lllms_llamacpp.scheduler import Job, TextStream
+        from lllms_llamacpp.scheduler import Job, TextStream, release_media
 
         instance: LlamaCppInstance = context.instance
         model = instance.model
@@ -616,11 +634,16 @@ class LlamaCppEngine(Engine):
                         after=first,
                         fresh=context.fresh and index == 0,
                     )
+                    if media and number == 0:
+                        job.media = dict(media)
+                        for owner in {id(m.owner): m.owner for m in media.values()}.values():
+                            owner.acquire()
                     first = first or job
                     jobs.append(job)
         except BaseException:
             for job in jobs:
                 job.sampler.close()
+                release_media(job)
             raise
         return jobs
 

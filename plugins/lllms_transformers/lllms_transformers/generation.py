@@ -91,7 +91,8 @@ class TextGenerator:
         variables = {name: value for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
         source = (getattr(processor, "chat_template", None) if processor else None) or tokenizer.chat_template
         self.template = ChatTemplate(
-            source, special_tokens=[token.content for token in added.values()], variables=variables
+            source, special_tokens=[token.content for token in added.values()], variables=variables,
+            content_parts=processor is not None,
         ) if source else None
         self.grammars = structured.GrammarCompiler(self)
         self.sampling_defaults = model_sampling_defaults(model.generation_config)
@@ -518,11 +519,23 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
         tools = tool_setup(request, template.tool_format)
         grammar = generator.grammars.for_request(request, tools, context.checked)
         budget = ContextBudget(generator.context_size, request.token_limit, context.model.context_overflow)
-        _, prompt = fit_chat(request.messages, template, tools, budget, generator.tokenize_rendered, generator.longest_token)
-        return prompt, grammar, tools, _sampling(engine, request, generator, top)
+        image_inputs: dict[str, dict] = {}
 
-    prompt, grammar, tools, sampling = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
-    ends, usage = await _run_choices(context, prompt, sampling, grammar, tools, sink, 0, request.choices)
+        def tokenize(rendered, kept) -> list[int]:
+            sources = vision.image_urls(kept) if generator.processor is not None else []
+            if not sources:
+                return generator.tokenize_rendered(rendered)
+            # the processor puts each image's tokens in the text (client text is not kept plain here)
+            tokens, image_inputs[rendered.text] = vision.model_inputs(
+                generator, rendered.text, [context.image(source).pixels for source in sources]
+            )
+            return tokens
+
+        rendered, prompt = fit_chat(request.messages, template, tools, budget, tokenize, generator.longest_token)
+        return prompt, image_inputs.get(rendered.text), grammar, tools, _sampling(engine, request, generator, top)
+
+    prompt, model_inputs, grammar, tools, sampling = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
+    ends, usage = await _run_choices(context, prompt, sampling, grammar, tools, sink, 0, request.choices, model_inputs)
     return _result(ends, usage)
 
 
