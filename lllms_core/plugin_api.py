@@ -21,6 +21,44 @@ from __future__ import annotations
 
 from msgspec import UNSET
 
+from lllms_core.chat import (
+    CHATML_TEMPLATE,
+    DEFAULT_TOOL_FORMAT,
+    NO_TEMPLATE,
+    TOOL_FORMATS,
+    TOOL_INSTRUCTIONS,
+    ChatTemplate,
+    CompletionOutput,
+    ContextBudget,
+    ContextOverflow,
+    Hermes,
+    JsonInvalid,
+    JsonScanner,
+    Llama3,
+    Mistral,
+    OutputPiece,
+    PromptTooLong,
+    QwenCoder,
+    RenderedPrompt,
+    TemplateCapabilities,
+    ToolCallParser,
+    ToolFormat,
+    ToolSetup,
+    checked_grammar,
+    config_messages,
+    fewest_tokens,
+    find_marker,
+    fit_chat,
+    fit_messages,
+    fit_tokens,
+    json_schema_gbnf,
+    output_grammar,
+    partial_marker_length,
+    template_messages,
+    tool_call_gbnf,
+    tool_format_for,
+    tool_setup,
+)
 from lllms_core.config import ChatMessageConfig, DeviceConfig, ModelConfig, default_cache_dir
 from lllms_core.context import common_prefix
 from lllms_core.engine import (
@@ -108,7 +146,7 @@ from lllms_core.schemas import (
 from lllms_core.store import ModelStore
 from lllms_core.tasks import Feature, Task
 
-API_VERSION = (1, 0)
+API_VERSION = (1, 1)
 """(major, minor) of this module's contract: the minor number grows with each addition."""
 
 __all__ = [
@@ -146,6 +184,43 @@ __all__ = [
     "chat_image_sources",
     "is_image_data_url",
     "describe_images",
+    # the chat layer (1.1): templates, the message policy, tool calls, grammars, context overflow
+    "ChatTemplate",
+    "RenderedPrompt",
+    "TemplateCapabilities",
+    "CHATML_TEMPLATE",
+    "template_messages",
+    "NO_TEMPLATE",
+    "config_messages",
+    "tool_setup",
+    "ToolSetup",
+    "TOOL_INSTRUCTIONS",
+    "TOOL_FORMATS",
+    "tool_format_for",
+    "DEFAULT_TOOL_FORMAT",
+    "ToolFormat",
+    "ToolCallParser",
+    "Hermes",
+    "Llama3",
+    "Mistral",
+    "QwenCoder",
+    "CompletionOutput",
+    "OutputPiece",
+    "partial_marker_length",
+    "find_marker",
+    "JsonScanner",
+    "JsonInvalid",
+    "output_grammar",
+    "checked_grammar",
+    "json_schema_gbnf",
+    "tool_call_gbnf",
+    "ContextBudget",
+    "ContextOverflow",
+    "PromptTooLong",
+    "fit_chat",
+    "fit_messages",
+    "fit_tokens",
+    "fewest_tokens",
     # errors
     "LllmsError",
     "InvalidRequestError",

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import msgspec
 
-from lllms_core.chat import ToolSetup, template_messages
-from lllms_core.schemas import ChatMessage
+from lllms_core.plugin_api import (
+    ChatMessage,
+    ToolSetup,
+    template_messages,
+)
 
 Turn = tuple[str, str]
 """A message as the engine evaluates it: (role, text)."""

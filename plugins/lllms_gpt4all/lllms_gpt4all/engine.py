@@ -19,25 +19,30 @@ import msgspec
 import trio
 from msgspec import Meta
 
-from lllms_core.chat import (
-    CompletionOutput,
-    ContextBudget,
-    PromptTooLong,
-    config_messages,
-    fit_messages,
-    tool_format_for,
-    tool_setup,
-)
-from lllms_core.config import ModelConfig, default_cache_dir
-from lllms_core.engine import ChunkSink, Device, Engine, EngineInstance, TaskContext, normalize_embedding
-from lllms_core.errors import InvalidRequestError, ModelLoadError
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     ChatCompletionRequest,
+    ChunkSink,
+    CompletionOutput,
     CompletionResult,
+    ContextBudget,
+    Device,
     EmbeddingRequest,
     EmbeddingResult,
+    Engine,
+    EngineInstance,
+    InvalidRequestError,
+    ModelConfig,
+    ModelLoadError,
+    PromptTooLong,
+    TaskContext,
     TextCompletionRequest,
     Usage,
+    config_messages,
+    default_cache_dir,
+    fit_messages,
+    normalize_embedding,
+    tool_format_for,
+    tool_setup,
 )
 
 from lllms_gpt4all.chat import CHAT_FORMATS, ChatFormat, Turn, detect_chat_format, turns

@@ -48,7 +48,7 @@ from lllms_core.plugin_api import (
 if TYPE_CHECKING:
     from lllms_core.plugin_api import ModelConfig
 
-    from lllms_core.chat import ChatTemplate, CompletionOutput, RenderedPrompt, ToolSetup
+    from lllms_core.plugin_api import ChatTemplate, CompletionOutput, RenderedPrompt, ToolSetup
     from lllms_llamacpp.vision import PromptImages
 
     from lllms_llamacpp.native import Context, Model, SamplingParams
@@ -253,7 +253,7 @@ def load_instance(
     model_config: "ModelConfig", path: str | os.PathLike, device: Device, projector: str | os.PathLike | None = None
 ) -> LlamaCppInstance:
     """Load a model and create its context (and scheduler, and multimodal projector); blocking."""
-    from lllms_core.chat import ChatTemplate
+    from lllms_core.plugin_api import ChatTemplate
 
     from lllms_llamacpp.native import Context, ContextSettings, Model
     from lllms_llamacpp.scheduler import Scheduler
@@ -381,7 +381,7 @@ class LlamaCppEngine(Engine):
         """Parse the request's grammar (or build it from its JSON schema) before it is queued,
         so that a grammar that does not parse is a 400 also for a streamed request; the task
         gets it as ``context.checked``."""
-        from lllms_core.chat import checked_grammar
+        from lllms_core.plugin_api import checked_grammar
 
         return checked_grammar(request, check_grammar, options_of(model).grammars)
 
@@ -393,7 +393,7 @@ class LlamaCppEngine(Engine):
 
         def tokens() -> list[int] | None:
             if model.task == "chat-completion" and model.initial_messages:
-                from lllms_core.chat import config_messages
+                from lllms_core.plugin_api import config_messages
 
                 prompt = instance.template.prompt(config_messages(model.initial_messages), add_generation_prompt=False)
                 return instance.tokenize_rendered(prompt)
@@ -411,7 +411,7 @@ class LlamaCppEngine(Engine):
     async def chat_completion(
         self, context: TaskContext, request: ChatCompletionRequest, sink: ChunkSink
     ) -> CompletionResult:
-        from lllms_core.chat import ContextBudget, fit_chat, output_grammar, tool_setup
+        from lllms_core.plugin_api import ContextBudget, fit_chat, output_grammar, tool_setup
 
         instance = self._generator(context)
         template = instance.template
@@ -449,7 +449,7 @@ class LlamaCppEngine(Engine):
     async def text_completion(
         self, context: TaskContext, request: TextCompletionRequest, sink: ChunkSink
     ) -> CompletionResult:
-        from lllms_core.chat import ContextBudget, fit_tokens, output_grammar
+        from lllms_core.plugin_api import ContextBudget, fit_tokens, output_grammar
 
         instance = self._generator(context)
         model = instance.model
@@ -522,7 +522,7 @@ class LlamaCppEngine(Engine):
         if request.messages is not None:
             if instance.template is None:
                 raise InvalidRequestError(f"model {request.model!r} has no chat template", param="messages")
-            from lllms_core.chat import tool_setup
+            from lllms_core.plugin_api import tool_setup
 
             tools = tool_setup(request, instance.template.tool_format)
             tokens = instance.tokenize_rendered(instance.template.prompt(request.messages, tools))
@@ -605,7 +605,7 @@ class LlamaCppEngine(Engine):
     ) -> list["Job"]:
         """``n`` jobs per prompt, with their samplers (which parse the grammar); in a worker
         thread. ``media``: where the first prompt's images are (see :mod:`lllms_llamacpp.vision`)."""
-        from lllms_core.chat import CompletionOutput
+        from lllms_core.plugin_api import CompletionOutput
 
         from lllms_llamacpp.native import Sampler
         from lllms_llamacpp.scheduler import Job, TextStream, release_media

@@ -104,7 +104,7 @@ class TransformersEngine(Engine):
 
     def check_request(self, model, request):
         """Parse the request's grammar before it is queued (a 400, also for a streamed request)."""
-        from lllms_core.chat import checked_grammar
+        from lllms_core.plugin_api import checked_grammar
 
         from lllms_transformers.structured import check_grammar
 
@@ -166,7 +166,7 @@ def _tokenize(loaded, request) -> TokenizeResult:
         template = getattr(loaded, "template", None)
         if template is None:
             raise InvalidRequestError("this model has no chat template", param="messages")
-        from lllms_core.chat import tool_setup
+        from lllms_core.plugin_api import tool_setup
 
         tokens = loaded.tokenize_rendered(template.prompt(request.messages, tool_setup(request, template.tool_format)))
     else:

@@ -38,28 +38,26 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from lllms_core.chat import (
-    ChatTemplate,
-    CompletionOutput,
-    ContextBudget,
-    RenderedPrompt,
-    config_messages,
-    fit_chat,
-    fit_tokens,
-    tool_setup,
-)
-from lllms_core.context import common_prefix
-from lllms_core.engine import check_token_ids
-from lllms_core.errors import InvalidRequestError
-from lllms_core.samplers import requested_logits_processors
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     ChatCompletionRequest,
+    ChatTemplate,
     CompletionChunk,
+    CompletionOutput,
     CompletionResult,
+    ContextBudget,
+    InvalidRequestError,
+    RenderedPrompt,
     TextCompletionRequest,
     TokenLogprob,
     TopLogprob,
     Usage,
+    check_token_ids,
+    common_prefix,
+    config_messages,
+    fit_chat,
+    fit_tokens,
+    requested_logits_processors,
+    tool_setup,
 )
 from lllms_transformers import structured, vision
 

@@ -16,8 +16,12 @@ import xgrammar as xgr
 from xgrammar.contrib.hf import LogitsProcessor as GrammarLogitsProcessor
 from xgrammar.structural_tag import GrammarFormat, StructuralTag, TagFormat, TriggeredTagsFormat
 
-from lllms_core.chat import ToolSetup, output_grammar, tool_call_gbnf
-from lllms_core.errors import InvalidRequestError
+from lllms_core.plugin_api import (
+    InvalidRequestError,
+    ToolSetup,
+    output_grammar,
+    tool_call_gbnf,
+)
 
 
 def check_grammar(grammar: str, param: str) -> None:
