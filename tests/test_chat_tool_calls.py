@@ -218,3 +218,12 @@ def test_the_output_applies_stop_strings_before_tool_calls():
     piece, ended = output.push(HERMES_CALL + "\n" + HERMES_CALL)
     assert ended and len([d for d in piece.tool_calls if d.id]) == 1
     assert output.finish_reason("stop") == "tool_calls" and output.finish_reason("length") == "length"
+
+
+def test_a_primer_starts_a_forced_call_the_model_did_not_write():
+    # an engine without grammars starts the answer with the call; the model writes the rest
+    output = CompletionOutput([], setup(Hermes, parallel=False), primer=Hermes.call_text("get_weather")[0] + "{")
+    piece, ended = output.push('"city": "Paris"}}\n</tool_call>')
+    assert not piece.text and ended and output.finish_reason("stop") == "tool_calls"
+    assert piece.tool_calls[0].id and piece.tool_calls[0].name == "get_weather"
+    assert json.loads("".join(delta.arguments for delta in piece.tool_calls)) == {"city": "Paris"}

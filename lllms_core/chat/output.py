@@ -34,14 +34,18 @@ class CompletionOutput:
     with tools, the text is then split into content and tool calls by the format's
     parser. ``push(text)`` returns ``(piece, ended)``: once ``ended`` (a stop string, or
     the list of calls is over), generation should stop. ``flush()`` returns what was held
-    back when generation ends (and the last text, if any). ``called``: whether the choice made a tool call (its
-    finish reason is then ``tool_calls`` rather than ``stop``).
+    back when generation ends (and the last text, if any). ``called``: whether the choice
+    made a tool call (its finish reason is then ``tool_calls`` rather than ``stop``).
+    ``primer``: text the answer starts with that the model did not write (the start of a
+    forced call, for an engine without grammars): parsed, never sent as text.
     """
 
-    def __init__(self, stops: Iterable[str] = (), tools: "ToolSetup | None" = None):
+    def __init__(self, stops: Iterable[str] = (), tools: "ToolSetup | None" = None, primer: str = ""):
         self.stops = StopStringFilter(stops)
         self.parser = tools.parser() if tools is not None else None
         self.ended = False
+        self.primed: list = self.parser.push(primer)[1] if primer and self.parser is not None else []
+        """The deltas the primer gave (a call's id and name), sent with the first piece."""
 
     def push(self, text: str) -> tuple[OutputPiece, bool]:
         if self.ended:
@@ -51,6 +55,7 @@ class CompletionOutput:
             self.ended = stopped
             return OutputPiece(text), stopped
         content, deltas = self.parser.push(text)
+        deltas, self.primed = self.primed + deltas, []
         if stopped and not self.parser.ended:
             more, more_deltas = self.parser.finish()
             content, deltas = content + more, deltas + more_deltas
@@ -68,6 +73,7 @@ class CompletionOutput:
         if self.parser is None:
             return OutputPiece(text)
         content, deltas = self.parser.push(text)
+        deltas, self.primed = self.primed + deltas, []
         if not self.parser.ended:
             more, more_deltas = self.parser.finish()
             content, deltas = content + more, deltas + more_deltas

@@ -353,8 +353,13 @@ class Gpt4AllEngine(Engine):
         if chat_format is None:
             raise InvalidRequestError(f"model {context.model.id!r} has no chat format; use text completions", param="model")
         tools = tool_setup(request, instance.tool_format)
+        primer = ""
         if tools is not None and tools.forced is not None:
-            raise self.unsupported("tool_choice", "a forced tool call (tool_choice 'required' or a function): it has no grammars")
+            if len(tools.forced) != 1:
+                raise self.unsupported("tool_choice", "tool_choice 'required' among several functions (no grammars)")
+            # no grammar: the answer starts with the call (and its arguments' object); the model
+            # writes the arguments, which nothing holds to the schema
+            primer = tools.format.call_text(tools.forced[0])[0] + ("{" if tools.format.json_arguments else "")
         native = instance.native
         state = instance.slot_states[context.slot]
         instance.slot_states[context.slot] = None  # unknown until this turn ends well
@@ -367,6 +372,8 @@ class Gpt4AllEngine(Engine):
             """Evaluate the conversation and answer, unless it has more than ``limit`` tokens
             (gpt4all cannot count tokens without evaluating them)."""
             conversation, prefill = turns(messages, tools)
+            if primer:
+                prefill = (prefill or "") + primer
             if conversation[-1][0] != "user":
                 raise InvalidRequestError("the last message must be the user's (or an assistant prefill after it)",
                                           param="messages")
@@ -378,7 +385,8 @@ class Gpt4AllEngine(Engine):
             else:
                 native.reset()
                 evaluated = ChatState([], [])
-            generation = Generation(sink, CompletionOutput(request.stop_list, tools), max_tokens, limit, native.n_past)
+            output = CompletionOutput(request.stop_list, tools, primer=primer)
+            generation = Generation(sink, output, max_tokens, limit, native.n_past)
             evaluate = dict(special=False, on_prompt_token=generation.on_prompt_token, context_shift=False)
             try:
                 for role, text in history[kept:]:
