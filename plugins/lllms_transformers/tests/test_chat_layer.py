@@ -11,17 +11,10 @@ import openai
 import pytest
 
 from lllms_core.testing import health_during
+from lllms_core.testing.conformance import WEATHER_TOOL as WEATHER
 
 pytestmark = pytest.mark.timeout(300)
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
