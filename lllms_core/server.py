@@ -337,15 +337,23 @@ class ModelServer:
         timeout = self.config.server.request_timeout
         return trio.fail_after(timeout) if timeout else nullcontext()
 
+    @staticmethod
+    async def _check(engine: Engine, model, request: Any) -> Any:
+        """The engine's check of a request (in a thread), before it is queued."""
+        if type(engine).check_request is Engine.check_request:
+            return None
+        return await trio.to_thread.run_sync(engine.check_request, model, request)
+
     @asynccontextmanager
     async def _stream(self, task_name: str, request: Any, key_of) -> AsyncIterator[CompletionStream]:
         model, engine, task, request = self._resolve(task_name, request)
+        checked = await self._check(engine, model, request)
         assert self.pool is not None
         images = await self._images(task, request)
         lease = self.pool.acquire(model.id, key_of(request))
         stream = CompletionStream(model.id, request.choices, self.fingerprints[model.id])
         scope = trio.CancelScope()
-        self._generations.start_soon(self._generate, lease, engine, task, request, images, stream, scope)
+        self._generations.start_soon(self._generate, lease, engine, task, request, images, checked, stream, scope)
         try:
             yield stream
         finally:
@@ -353,7 +361,7 @@ class ModelServer:
             lease.leave_queue()
 
     async def _generate(
-        self, lease, engine: Engine, task, request, images: RequestImages, stream: CompletionStream, scope
+        self, lease, engine: Engine, task, request, images: RequestImages, checked, stream: CompletionStream, scope
     ) -> None:
         with scope:
             try:
@@ -365,7 +373,7 @@ class ModelServer:
                         separator = self._reasoning_separator(slot, request)
                         if separator is not None:
                             push = lambda chunk: stream._push(separator.split(chunk))  # noqa: E731
-                        context = msgspec.structs.replace(slot.task_context(), images=images)
+                        context = msgspec.structs.replace(slot.task_context(), images=images, checked=checked)
                         result = await getattr(engine, task.method)(context, request, ChunkSink(push))
                         for chunk in separator.flush() if separator is not None else ():
                             stream._push(chunk)
@@ -434,6 +442,7 @@ class ModelServer:
         """Run a task that does not stream in a slot of its model; ``method``: another engine
         method than the task's (the core's own way of doing the task)."""
         model, engine, task, request = self._resolve(task_name, request)
+        checked = await self._check(engine, model, request)
         assert self.pool is not None
         run = getattr(self, method) if method else getattr(engine, task.method)
         images = await self._images(task, request)
@@ -441,7 +450,7 @@ class ModelServer:
             with self._deadline():
                 async with self.pool.acquire(model.id) as slot:
                     keep_alive(slot, request)
-                    context = msgspec.structs.replace(slot.task_context(), images=images)
+                    context = msgspec.structs.replace(slot.task_context(), images=images, checked=checked)
                     return await run(context, request)
         except trio.TooSlowError:
             raise RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s") from None
