@@ -12,6 +12,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from helpers.openai_schema import parse_sse
+from helpers.sound import tone_wav
 from lllms_core.api.openapi import openapi_document
 from lllms_core.schemas import ChatCompletionRequest, EmbeddingRequest, TextCompletionRequest
 from lllms_core.server import ModelServer
@@ -214,7 +215,7 @@ def test_responses_of_a_running_server_match_the_document(http):
     for response_format in ("json", "verbose_json", "text", "srt", "vtt"):
         response = http.post(
             "/v1/audio/transcriptions",
-            files={"file": ("a.wav", b"RIFF0000", "audio/wav")},
+            files={"file": ("a.wav", tone_wav(0.2), "audio/wav")},
             data={"model": "whisper", "response_format": response_format},
         )
         documented(response)
