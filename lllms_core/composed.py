@@ -112,15 +112,14 @@ class ComposedEngine(Engine):
 
     def check_model(self, model: ModelConfig, config: Config) -> None:
         options: ComposedOptions = model.options
-        uses = {options.chat_model: ("chat-completion",), options.speech_model: ("speech-to-text",)}
-        for model_id, tasks in uses.items():
+        for model_id, task in ((options.chat_model, "chat-completion"), (options.speech_model, "speech-to-text")):
             if model_id is None:
                 continue
             used = config.models.get(model_id)
             if used is None or model_id == model.id:
                 raise ConfigError(f"model {model.id!r}: {model_id!r} is not another model of this configuration")
-            if used.task not in tasks:
-                raise ConfigError(f"model {model.id!r}: model {model_id!r} is a {used.task} model, not {tasks[0]}")
+            if used.task != task:
+                raise ConfigError(f"model {model.id!r}: model {model_id!r} is a {used.task} model, not {task}")
 
     async def create_instance(self, model, prepared, device) -> EngineInstance:
         return EngineInstance(slots=model.options.parallel)

@@ -467,6 +467,7 @@ class ModelServer:
         """Transcribe ``request.audio`` (or translate it to English, ``task="translate"``)."""
         return await self._run("speech-to-text", request, _callers)
 
+    @asynccontextmanager
     async def stream_speech_to_text(
         self, request: TranscriptionRequest | dict, *, _callers: tuple[str, ...] = ()
     ) -> AsyncIterator[TaskStream]:

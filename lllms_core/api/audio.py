@@ -17,7 +17,7 @@ import msgspec
 import trio
 from quart import Blueprint, Response, current_app, request
 
-from lllms_core.api.common import AppState, InternalError, json_response, read_request, sse, state
+from lllms_core.api.common import SSE_KEEPALIVE, AppState, InternalError, json_response, read_request, sse, state
 from lllms_core.api.openai import events_body, with_keepalive
 from lllms_core.audio import MEDIA_TYPES, StreamEncoder
 from lllms_core.errors import InvalidRequestError, LllmsError
@@ -101,7 +101,7 @@ async def produce_transcript(
         async with server.stream_speech_to_text(transcription) as stream:
             task_status.started()
             try:
-                async for chunk in with_keepalive(stream, send, keepalive):
+                async for chunk in with_keepalive(stream, send, keepalive, SSE_KEEPALIVE):
                     if chunk.text:
                         await send.send(sse({"type": "transcript.text.delta", "delta": chunk.text}))
             except LllmsError as error:

@@ -132,6 +132,8 @@ def component_for(path: str, body: Any) -> str | None:
         return "Model"
     if path.endswith("/audio/transcriptions"):
         return "CreateTranscriptionResponseVerboseJson" if "segments" in body else "CreateTranscriptionResponseJson"
+    if path.endswith("/audio/translations"):
+        return "CreateTranslationResponseVerboseJson" if "segments" in body else "CreateTranslationResponseJson"
     return None
 
 
@@ -168,6 +170,10 @@ def check_event(path: str, data: bytes) -> None:
         validate("ErrorResponse", body)
     elif path.endswith("/chat/completions"):
         validate("CreateChatCompletionStreamResponse", body)
+    elif path.endswith("/audio/transcriptions"):
+        validate("CreateTranscriptionResponseStreamEvent", body)
+    elif path.endswith("/audio/speech"):
+        validate("CreateSpeechResponseStreamEvent", body)
     else:
         validate_completion_chunk(body)
 
