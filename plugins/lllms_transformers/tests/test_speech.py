@@ -86,3 +86,10 @@ def test_long_audio_is_transcribed_over_its_whole_length(client, long_speech):
     second_window = spans[1][0] / SAMPLE_RATE
     assert min(starts) < second_window <= max(starts)  # not cut to the first (or last) 30 s
     assert max(segment.end for segment in result.segments) <= result.duration + 0.01
+
+
+def test_translation_into_english(client, speech):
+    with open(speech, "rb") as file:
+        result = client.audio.translations.create(model="whisper", file=file, response_format="verbose_json")
+    assert result.language == "english" and isinstance(result.text, str)
+    assert result.segments and result.duration > 4
