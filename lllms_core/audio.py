@@ -51,8 +51,17 @@ MAX_CHANNELS = 32
 SAMPLE_RATES = (1000, 384_000)
 """The sample rates an upload may have, in Hz."""
 
-_DECODING = trio.CapacityLimiter(2)
-"""Decodings and encodings at once, over the whole process (each holds a core)."""
+_LIMITER: trio.lowlevel.RunVar = trio.lowlevel.RunVar("lllms_audio_limiter")
+
+
+def _limiter() -> trio.CapacityLimiter:
+    """Decodings and encodings at once, per trio run (each holds a core)."""
+    try:
+        return _LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(2)
+        _LIMITER.set(limiter)
+        return limiter
 
 
 class DecodedAudio(msgspec.Struct, kw_only=True):
@@ -128,7 +137,7 @@ def decode_audio(data: bytes, sample_rate: int = 16000, limits: AudioConfig | No
 
 async def decode(data: bytes, sample_rate: int = 16000, limits: AudioConfig | None = None) -> DecodedAudio:
     """:func:`decode_audio` in a worker thread."""
-    return await trio.to_thread.run_sync(decode_audio, data, sample_rate, limits, limiter=_DECODING)
+    return await trio.to_thread.run_sync(decode_audio, data, sample_rate, limits, limiter=_limiter())
 
 
 class _Collector:
@@ -210,12 +219,12 @@ class StreamEncoder:
     async def encode(self, chunk: "AudioChunk") -> bytes:
         if self._encoder is None:
             self._encoder = await trio.to_thread.run_sync(
-                AudioEncoder, self.format, chunk.sample_rate, limiter=_DECODING
+                AudioEncoder, self.format, chunk.sample_rate, limiter=_limiter()
             )
-        return await trio.to_thread.run_sync(self._encoder.encode, chunk.pcm, limiter=_DECODING)
+        return await trio.to_thread.run_sync(self._encoder.encode, chunk.pcm, limiter=_limiter())
 
     async def finish(self) -> bytes:
         """The rest of the audio (nothing if no chunk came)."""
         if self._encoder is None:
             return b""
-        return await trio.to_thread.run_sync(self._encoder.finish, limiter=_DECODING)
+        return await trio.to_thread.run_sync(self._encoder.finish, limiter=_limiter())
