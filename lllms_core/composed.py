@@ -8,16 +8,16 @@ the text heard, then the conversation goes to its ``chat_model`` — with the mo
 streams back as the composed model's own. A voice request is thus answered, or turned
 into tool calls, by a text-only chat model.
 
-The seam for images: a part reader per content-part type (:data:`PART_READERS`). Image
-parts pass through to the chat model today; a captioning model (``image-to-text``)
-becomes one more reader, replacing an image part by its caption, as the audio reader
-replaces an audio part by its transcript.
+Images likewise: with a ``vision_model`` (``image-to-text``), each image part becomes
+the caption that model writes (``[Image: ...]``), so a chat model that sees no images
+hears what they show; without one, image parts go to the chat model as they are.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from functools import partial
 from typing import Annotated, Awaitable, Callable
 
 import msgspec
@@ -26,10 +26,12 @@ from lllms_core.config import Config, ModelConfig
 from lllms_core.engine import ChunkSink, Engine, EngineInstance, TaskContext
 from lllms_core.errors import ConfigError, InvalidRequestError
 from lllms_core.hookspecs import hookimpl
+from lllms_core.images import describe_images
 from lllms_core.samplers import BUILTIN_SAMPLERS
 from lllms_core.schemas import (
     ChatCompletionRequest,
     CompletionResult,
+    ImageToTextRequest,
     InputAudioPart,
     SystemMessage,
     TextCompletionRequest,
@@ -52,6 +54,11 @@ class ComposedOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chat model as they are."""
     language: str | None = None
     """The language spoken in audio parts (ISO-639-1); detected when omitted."""
+    vision_model: str | None = None
+    """The id of the image-to-text model that captions image parts; without it they go to the
+    chat model as they are."""
+    caption_prompt: str | None = None
+    """What the vision model is asked about each image, for models that take a prompt."""
     system_prompt: str | None = None
     """A system message put first when a request has none."""
     tools: list[Tool] = []
@@ -86,7 +93,17 @@ async def hear(engine: "ComposedEngine", context: TaskContext, part: InputAudioP
 
 
 PART_READERS: dict[type, PartReader] = {InputAudioPart: hear}
-"""How each kind of content part of a user message becomes something the chat model reads."""
+"""How each kind of content part of a user message becomes something the chat model reads
+(images are captioned for the whole request at once, see :func:`caption`)."""
+
+
+async def caption(context: TaskContext, url: str) -> str:
+    """What the vision model says an image of the request shows."""
+    options: ComposedOptions = context.model.options
+    described = await context.models.image_to_text(
+        ImageToTextRequest(model=options.vision_model, image=context.image(url).data, prompt=options.caption_prompt)
+    )
+    return described.text.strip()
 
 
 async def relay(opening, sink: ChunkSink) -> CompletionResult:
@@ -112,7 +129,9 @@ class ComposedEngine(Engine):
 
     def check_model(self, model: ModelConfig, config: Config) -> None:
         options: ComposedOptions = model.options
-        for model_id, task in ((options.chat_model, "chat-completion"), (options.speech_model, "speech-to-text")):
+        uses = ((options.chat_model, "chat-completion"), (options.speech_model, "speech-to-text"),
+                (options.vision_model, "image-to-text"))  # fmt: skip
+        for model_id, task in uses:
             if model_id is None:
                 continue
             used = config.models.get(model_id)
@@ -126,6 +145,8 @@ class ComposedEngine(Engine):
 
     async def chat_completion(self, context: TaskContext, request: ChatCompletionRequest, sink: ChunkSink) -> CompletionResult:
         options: ComposedOptions = context.model.options
+        if options.vision_model is not None:
+            request = await describe_images(request, partial(caption, context))
         messages = [await self._read(context, message) for message in request.messages]
         if options.system_prompt and not isinstance(messages[0], SystemMessage):
             messages.insert(0, SystemMessage(content=options.system_prompt))

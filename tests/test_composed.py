@@ -1,5 +1,6 @@
 """The composed engine and the handle it calls other models with (``TaskContext.models``),
-on fake models: audio parts heard by a speech model, the answer streamed from a chat
+on fake models: audio parts heard by a speech model, images captioned by a vision model,
+the answer streamed from a chat
 model, no deadlock when the concurrency limit is reached, cancellation, cycles refused."""
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ async def test_audio_parts_are_heard_and_answered_by_the_chat_model():
         answer = await server.chat_completion({"model": "voice", "messages": spoken("Listen:")})
     assert answer.choices[0].text == f"You said: Listen:fake transcription of {len(WAV)} bytes"
     assert answer.model == "voice" and answer.usage.completion_tokens > 0
+
+
+async def test_image_parts_are_captioned_by_the_vision_model():
+    import io
+
+    import PIL.Image
+
+    png = io.BytesIO()
+    PIL.Image.new("RGB", (4, 3), "red").save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    composed = config(vision_model="eyes")
+    composed["models"]["eyes"] = {"engine": "fake", "task": "image-to-text"}
+    message = {"role": "user", "content": [{"type": "text", "text": "See:"}, {"type": "image_url", "image_url": {"url": url}}]}
+    async with ModelServer(composed) as server:
+        answer = await server.chat_completion({"model": "voice", "messages": [message]})
+    assert answer.choices[0].text == f"You said: See:[Image: a picture of {len(png.getvalue())} bytes]"
 
 
 async def test_the_models_tools_are_offered_when_a_request_brings_none():
@@ -97,6 +114,7 @@ async def test_models_that_call_each_other_are_refused():
         ({"chat_model": "voice"}, "'voice' is not another model"),
         ({"speech_model": "chat"}, "'chat' is a chat-completion model, not speech-to-text"),
         ({"chat_model": "ears"}, "'ears' is a speech-to-text model, not chat-completion"),
+        ({"vision_model": "chat"}, "'chat' is a chat-completion model, not image-to-text"),
     ],
 )
 def test_a_composed_model_must_name_models_that_can_do_their_part(voice, message):

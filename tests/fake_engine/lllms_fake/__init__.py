@@ -29,6 +29,7 @@ from lllms_core.schemas import (
     DetokenizeResult,
     EmbeddingResult,
     ImageGenerationResult,
+    ImageToTextResult,
     ImageUrlPart,
     RerankResult,
     TokenizeResult,
@@ -60,7 +61,8 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class FakeEngine(Engine):
     name = "fake"
     tasks = frozenset(
-        {"chat-completion", "text-completion", "embedding", "speech-to-text", "text-to-speech", "rerank", "image-generation"}
+        {"chat-completion", "text-completion", "embedding", "speech-to-text", "text-to-speech", "rerank", "image-generation",
+         "image-to-text"}  # fmt: skip
     )
     default_task = "chat-completion"
     options = FakeOptions
@@ -265,6 +267,9 @@ class FakeEngine(Engine):
         images = await trio.to_thread.run_sync(run, limiter=context.instance.limiter)
         return ImageGenerationResult(images=images, seed=seed)
 
+
+    async def image_to_text(self, context, request):
+        return ImageToTextResult(text=f"a picture of {len(request.image)} bytes")
 
     VOICES = {"low": 220.0, "high": 880.0}
     SPEECH_RATE = 16000
