@@ -118,11 +118,6 @@ class TaskContext(msgspec.Struct, kw_only=True):
     """The request's images, fetched and decoded by the core (see :meth:`image`)."""
     progress: Progress = msgspec.field(default_factory=Progress)
     """Where a long task reports how far it has come (shown in the slot's status)."""
-
-    def image(self, source: str | bytes) -> Image:
-        """The decoded image of a source in the request: an ``image_url`` part's URL, an
-        embedding input's data URL, an edit's image bytes."""
-        return self.images[source]
     audio: Any = None
     """Speech to text: the request's audio, decoded by the core (a
     :class:`lllms_core.audio.DecodedAudio`: mono float32 at the engine's ``audio_sample_rate``)."""
@@ -132,6 +127,11 @@ class TaskContext(msgspec.Struct, kw_only=True):
     ``async with context.models.stream_chat_completion(...) as stream``. Its requests are part
     of this task: they are cancelled with it and wait for their model's slot, but they do not
     wait for the server's concurrency limit or count against its queue, which this task passed."""
+
+    def image(self, source: str | bytes) -> Image:
+        """The decoded image of a source in the request: an ``image_url`` part's URL, an
+        embedding input's data URL, an edit's image bytes."""
+        return self.images[source]
 
 
 class ChunkSink:
