@@ -15,7 +15,6 @@ Speech: espeak-ng (a robotic formant synthesizer, harder to hear) and Piper (a n
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from lllms_core.testing import BackgroundServer
+from lllms_core.testing import BackgroundServer, package_path
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -52,13 +51,6 @@ WEATHER_TOOL = {
         },
     },
 }
-
-
-def package_path(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pytest.skip(f"the model package {package!r} is not installed")
-    return Path(spec.submodule_search_locations[0])
 
 
 def config(cache_dir: Path) -> dict:

