@@ -137,3 +137,14 @@ def test_a_client_that_leaves_a_speech_stream_frees_the_slot(client, server):
             break
         time.sleep(0.05)
     assert status["processing"] == 0
+
+
+def test_what_the_engine_cannot_hear_is_refused_naming_the_parameter(client):
+    wav = ("a.wav", tone_wav(0.2))
+    for options, param in [
+        ({"timestamp_granularities": ["word"], "response_format": "verbose_json"}, "timestamp_granularities"),
+        ({"extra_body": {"vad_filter": True}}, "vad_filter"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.audio.transcriptions.create(model="ears", file=wav, **options)
+        assert refused.value.body["code"] == "unsupported_parameter" and refused.value.body["param"] == param
