@@ -15,14 +15,12 @@ Speech: espeak-ng (a robotic formant synthesizer, harder to hear) and Piper (a n
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import openai
 import pytest
 
-from lllms_core.testing import BackgroundServer, package_path
+from lllms_core.testing import BackgroundServer, espeak_wav, package_path
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -121,11 +119,8 @@ def client(server) -> openai.OpenAI:
 
 
 def espeak(path: Path, text: str) -> Path:
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
     # 130 words a minute rather than 175: espeak-ng's formant voice is hard to hear at speed
-    subprocess.run(["espeak-ng", "-s", "130", "-w", str(path), text], check=True, capture_output=True, timeout=60)
-    return path
+    return espeak_wav(path, text, words_per_minute=130)
 
 
 @pytest.fixture(scope="session")
