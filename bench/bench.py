@@ -115,6 +115,7 @@ class Bench:
             "tokens": tokens,
             "token_source": "usage" if usage is not None else "chunks",
             "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+            "cached_tokens": cached_tokens(usage),
             "ttft_s": None if first_token_at is None else first_token_at - start,
             "start_s": start,
             "wall_s": end - start,
@@ -196,6 +197,10 @@ class Bench:
             # conversation keeps the same shape.
             messages.append({"role": "assistant", "content": result["text"] or "..."})
             messages.append({"role": "user", "content": follow_up_question(self.rng)})
+            if self.args.think_time and turn + 1 < turns:
+                # a person reads the answer before asking on: the next turn arrives
+                # independently of what the server is doing
+                await asyncio.sleep(self.rng.uniform(0, self.args.think_time))
         return results
 
     async def growing_chat(self):
@@ -234,6 +239,12 @@ class Bench:
             "mean_follow_up_ttft_s": mean_or_none(follow_ups),
             "follow_ups_with_token": sum(t is not None for t in follow_ups),
             "follow_ups": len(follow_ups),
+            # follow-ups with at least the previous turn's whole prompt cached: they found
+            # their history (needs a server that reports cached tokens)
+            "follow_ups_reusing_history": sum(
+                1 for conv in conversations for previous, r in zip(conv, conv[1:])
+                if previous["prompt_tokens"] and r["cached_tokens"] >= previous["prompt_tokens"]
+            ),
             "max_follow_up_ttft_s": max_or_none(follow_ups),
             "mean_ttft_s_per_turn": per_turn,
             "empty": sum(r["empty"] and not r["error"] for r in flat),
@@ -358,6 +369,11 @@ def process_tree(pid):
     return pids
 
 
+def cached_tokens(usage):
+    details = getattr(usage, "prompt_tokens_details", None) if usage is not None else None
+    return getattr(details, "cached_tokens", None) or 0
+
+
 def round_or_none(x, digits=3):
     return None if x is None else round(x, digits)
 
@@ -448,6 +464,8 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 16])
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--conversations", type=int, default=8)
+    p.add_argument("--think-time", type=float, default=0, metavar="SECONDS",
+                   help="pause a random 0 to SECONDS between a conversation's turns (default: none)")
     p.add_argument("--figures", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",

@@ -72,8 +72,9 @@ def in_trio() -> bool:
 
 class RequestConnection(TrioASGIHTTPConnection):
     """quart-trio's HTTP connection, plus: a request id (accepted from the client's
-    ``x-request-id`` when sane), a nursery for the request's tasks, and the log line
-    and metrics of each request once its response has ended."""
+    ``x-request-id`` when sane), a nursery for the request's tasks, ``Connection: close``
+    on a response sent before the request's body was read, and the log line and metrics
+    of each request once its response has ended."""
 
     async def __call__(self, receive, send) -> None:
         app_state: AppState = self.app.extensions["lllms"]
@@ -81,12 +82,25 @@ class RequestConnection(TrioASGIHTTPConnection):
         self.scope["lllms.request_id"] = request_id
         status = None
         completed = False
+        body_unread = self._has_body()
+
+        async def receive_noting_the_body_end() -> dict:
+            nonlocal body_unread
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_unread = False
+            return message
 
         async def send_with_id(message: dict) -> None:
             nonlocal status, completed
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message["headers"], (b"x-request-id", request_id.encode())]}
+                headers = [*message["headers"], (b"x-request-id", request_id.encode())]
+                if body_unread:
+                    # an answer before the body was read (401, 404, 413...): the rest of the body
+                    # would stall the connection, and the next request on it would never be answered
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 completed = True
             await send(message)
@@ -95,7 +109,7 @@ class RequestConnection(TrioASGIHTTPConnection):
         try:
             async with trio.open_nursery() as nursery:
                 self.scope["lllms.nursery"] = nursery
-                await super().__call__(receive, send_with_id)
+                await super().__call__(receive_noting_the_body_end, send_with_id)
                 nursery.cancel_scope.cancel()
         finally:
             seconds = time.perf_counter() - started
@@ -118,6 +132,13 @@ class RequestConnection(TrioASGIHTTPConnection):
                     "completed": completed,
                 },
             )
+
+    def _has_body(self) -> bool:
+        for name, value in self.scope["headers"]:
+            name = name.lower()
+            if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+                return True
+        return False
 
     def _request_id(self) -> str:
         for name, value in self.scope["headers"]:
@@ -209,9 +230,6 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
         response = error_response(translate_http_error(error))
         if error.code == 405 and getattr(error, "valid_methods", None):
             response.headers["Allow"] = ", ".join(error.valid_methods)
-        if error.code == 413:
-            # the rest of the body was never read: this connection cannot carry another request
-            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(Exception)
@@ -226,13 +244,18 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
     async def status() -> Response:
         if server.pool is None:
             raise ServiceUnavailableError("the server is starting")
-        return json_response(server.status())
+        return json_response(state().public(await server.report()))
 
     @app.get("/health")
     async def health() -> Response:
+        if server.pool is None:
+            return json_response({"status": "starting"}, 503)
+        failures = server.pool.failures()
+        if failures:
+            return json_response(state().public({"status": "failed", "errors": failures}), 503)
         if server.ready:
             return json_response({"status": "ok"})
-        return json_response({"status": "loading" if server.pool is not None else "starting"}, 503)
+        return json_response({"status": "loading"}, 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

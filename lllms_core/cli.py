@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_option(serve)
     serve.add_argument("--host", help="address to listen on (default: the config's http.host)")
     serve.add_argument("--port", type=int, help="port to listen on (default: the config's http.port)")
+    serve.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="serve on a Ray cluster, each model as a Ray Serve deployment: join the cluster at ADDRESS "
+        "(default: the config's ray.address, else $RAY_ADDRESS, else start Ray here); needs lllms-ray",
+    )
     serve.set_defaults(handler=serve_command)
 
     pull = commands.add_parser(
@@ -166,6 +174,13 @@ def _console(stderr: bool = False):
 def serve_command(args: argparse.Namespace) -> int:
     config, _ = load(args.config)
     _use_config_log_level(args, config)
+    if args.ray is not None:
+        try:
+            from lllms_ray.deploy import serve as serve_on_ray
+        except ImportError:
+            raise CommandError("--ray needs the lllms-ray plugin: pip install lllms-ray") from None
+        serve_on_ray(config, address=args.ray or None, host=args.host, port=args.port)
+        return 0
     from lllms_core.http import serve
 
     try:
@@ -466,17 +481,7 @@ async def _run(config: "Config", plugins: "PluginManager", model: "ModelConfig",
 
 def plugin_report(plugins: "PluginManager") -> dict[str, Any]:
     """Installed plugins and what each registered, and the plugins that failed to load."""
-
-    def registered_by(hook) -> dict[str, str]:
-        """Name of each registered item → the plugin that registered it."""
-        owners: dict[str, str] = {}
-        for implementation in hook.get_hookimpls():
-            implementation.function(register=lambda item, plugin=implementation.plugin_name: owners.setdefault(item.name, plugin))
-        return owners
-
-    engine_owners = registered_by(plugins.hook.register_engines)
-    task_owners = registered_by(plugins.hook.register_tasks)
-    sampler_owners = registered_by(plugins.hook.register_samplers)
+    engines, tasks, samplers = plugins.engines, plugins.tasks, plugins.samplers
     installed = []
     for name, distribution in sorted(plugins.distributions.items()):
         package, _, version = distribution.rpartition(" ")
@@ -486,26 +491,26 @@ def plugin_report(plugins: "PluginManager") -> dict[str, Any]:
         "engines": [
             {
                 "name": name,
-                "plugin": engine_owners.get(name),
+                "plugin": plugins.owners["engine"][name],
                 "tasks": sorted(engine.tasks),
                 "default_task": engine.default_task,
                 "capabilities": sorted(engine.capabilities),
                 "options": list(engine.options.__struct_fields__),
             }
-            for name, engine in sorted(plugins.engines.items())
+            for name, engine in sorted(engines.items())
         ],
         "tasks": [
-            {"name": name, "plugin": task_owners.get(name), "streams": task.streams, "features": [f.name for f in task.features]}
-            for name, task in sorted(plugins.tasks.items())
+            {"name": name, "plugin": plugins.owners["task"][name], "streams": task.streams, "features": [f.name for f in task.features]}
+            for name, task in sorted(tasks.items())
         ],
         "samplers": [
             {
                 "name": name,
-                "plugin": sampler_owners.get(name),
+                "plugin": plugins.owners["sampler"][name],
                 "parameters": list(sampler.parameters),
                 "description": sampler.description,
             }
-            for name, sampler in sorted(plugins.samplers.items())
+            for name, sampler in sorted(samplers.items())
         ],
         "failed": [{"name": name, "error": error} for name, error in sorted(plugins.failed.items())],
     }

@@ -54,6 +54,48 @@ class ChatMessageConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, 
     content: str
 
 
+class ReplicaConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """How a model is served on a Ray cluster (``lllms serve --ray``); one machine ignores it.
+
+    Each replica is a process running a ModelServer with the model (or its ``group``)."""
+
+    min: Annotated[int, Meta(ge=0)] = 1
+    max: Annotated[int, Meta(ge=1)] = 1
+    cpus: Annotated[float, Meta(ge=0)] = 1
+    """CPUs reserved for each replica (fractions allowed)."""
+    gpus: Annotated[float, Meta(ge=0)] = 0
+    memory: Annotated[int, Meta(ge=0)] | None = None
+    """Bytes of memory reserved for each replica; none: no reservation."""
+    max_ongoing: Annotated[int, Meta(ge=1)] = 16
+    """Requests one replica takes at once (its slots and a short queue); more wait at the ingress."""
+    target_ongoing: Annotated[float, Meta(gt=0)] = 4
+    """Autoscaling: replicas are added while more requests than this per replica are ongoing."""
+    upscale_delay: Seconds = 5
+    downscale_delay: Seconds = 60
+    router: Literal["prefix", "power-of-two"] = "prefix"
+    """``prefix``: to the replica holding the longest prefix of the request's context;
+    ``power-of-two``: Ray Serve's default (the less loaded of two random replicas)."""
+    imbalance: Annotated[int, Meta(ge=0)] = 4
+    """How many more ongoing requests the replica holding a prefix may have than the least
+    loaded one and still get the request."""
+    group: ModelId | None = None
+    """Models naming the same group share one deployment: each replica serves all of them."""
+
+
+class RayConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """The Ray cluster ``lllms serve --ray`` deploys on; one machine ignores it."""
+
+    address: str | None = None
+    """The cluster (``auto``, ``host:port``, ``ray://host:port``); none: ``$RAY_ADDRESS``,
+    else a Ray instance started for this server."""
+    app: Annotated[str, Meta(pattern=MODEL_ID_PATTERN)] = "lllms"
+    """The Ray Serve application's name."""
+    stats_period: Annotated[float, Meta(gt=0)] = 1.0
+    """Seconds between each replica's report of the contexts it holds and its status."""
+    deploy_timeout: Annotated[float, Meta(gt=0)] = 600
+    """Seconds the deployment may take (downloads and loads included) before it is an error."""
+
+
 class ModelConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     id: ModelId = ""
     """Filled from the key of the model's table."""
@@ -80,6 +122,7 @@ class ModelConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_d
     completion_defaults: dict[str, Any] = {}
     device: DeviceConfig = field(default_factory=DeviceConfig)
     prepare: Literal["blocking", "async", "on-demand"] = "on-demand"
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
     options: Any = None
     """The engine's own options Struct, built from the remaining keys of the table."""
 
@@ -108,6 +151,9 @@ class HttpConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_de
     max_body_size: Annotated[int, Meta(ge=1024)] = 50 * 1024 * 1024
     shutdown_grace: Seconds = 10
     keepalive_interval: Annotated[float, Meta(gt=0)] = 15
+    expose_paths: bool = False
+    """Show absolute file paths in the status report and error messages; by default clients
+    see file names only (the log has the paths)."""
 
 
 class ImagesConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -144,6 +190,7 @@ class Config(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaul
     http: HttpConfig = field(default_factory=HttpConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     models: dict[str, ModelConfig] = {}
 
     def model(self, model_id: str) -> ModelConfig:
@@ -252,9 +299,18 @@ def _load_model(model_id: str, spec: Any, plugins) -> ModelConfig:
             raise ConfigError(f"{where}: `files.{name}` lists no parts")
     if model.min_instances > model.max_instances:
         raise ConfigError(f"{where}: min_instances ({model.min_instances}) exceeds max_instances ({model.max_instances})")
+    if model.replicas.min > model.replicas.max:
+        raise ConfigError(f"{where}: replicas.min ({model.replicas.min}) exceeds replicas.max ({model.replicas.max})")
     for name in model.completion_defaults:
         if name not in plugins.completion_parameters:
             raise ConfigError(f"{where}: completion_defaults has unknown parameter {name!r}")
+        sampler = next((s for s in plugins.samplers.values() if name in s.parameters), None)
+        if sampler is not None and sampler.name not in engine.capabilities and not (
+            sampler.logits_processor is not None and engine.logits_processors
+        ):
+            raise ConfigError(
+                f"{where}: completion_defaults sets {name!r}, but engine {engine_name!r} cannot apply the sampler {sampler.name!r}"
+            )
     from lllms_core.schemas import TextCompletionRequest
 
     try:

@@ -292,7 +292,14 @@ def _content_range(header: str | None) -> tuple[int, int | None]:
         raise _Interrupted(f"invalid Content-Range {header!r}") from None
 
 
-async def _receive(client: httpx.AsyncClient, url: str, part: _PartFile, transfer: Transfer) -> None:
+def _end_is_explicit(response: httpx.Response, total: int | None) -> bool:
+    """Whether a cut connection can be told from the end of the body: the size is known, or
+    the body is chunked (its last chunk marks its end). A body without either ends when the
+    server closes the connection, whether the file is complete or not."""
+    return total is not None or "chunked" in response.headers.get("transfer-encoding", "").lower()
+
+
+async def _receive(client: httpx.AsyncClient, url: str, part: _PartFile, transfer: Transfer, checked: bool) -> None:
     """One attempt: request what ``part`` lacks and append it."""
     offset = part.size
     headers = {"Accept-Encoding": "identity"}
@@ -317,6 +324,11 @@ async def _receive(client: httpx.AsyncClient, url: str, part: _PartFile, transfe
             raise _Interrupted(f"HTTP {response.status_code} {response.reason_phrase}")
         else:
             raise DownloadError(f"downloading {url} failed: HTTP {response.status_code} {response.reason_phrase}")
+        if not checked and not _end_is_explicit(response, total):
+            raise DownloadError(
+                f"cannot download {url} safely: the server does not send its size (no Content-Length), so a "
+                "connection cut early would look like the end of the file; configure its sha256 to download it"
+            )
         transfer.start(part.size, total)
         async for chunk in response.aiter_raw():
             await part.write(chunk)
@@ -326,12 +338,20 @@ async def _receive(client: httpx.AsyncClient, url: str, part: _PartFile, transfe
 
 
 async def fetch(
-    url: str, path: Path, transfer: Transfer, *, algorithms: Iterable[str], headers: Mapping[str, str] | None = None
+    url: str,
+    path: Path,
+    transfer: Transfer,
+    *,
+    algorithms: Iterable[str],
+    checked: bool,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Download ``url`` into ``path`` (a ``.part`` file), resuming from what it holds,
     and return its digests for ``algorithms``. A cut connection is retried (resuming);
     after :data:`RETRIES` attempts in a row that receive nothing, :class:`DownloadError`.
-    On cancellation or failure the received bytes stay in ``path``."""
+    On cancellation or failure the received bytes stay in ``path``. ``checked``: the caller
+    checks the digests against a checksum; without one, a server that does not tell where
+    the file ends (no size, not chunked) is refused, since a cut would pass for the end."""
     part = _PartFile(path, algorithms)
     failures = 0
     async with httpx.AsyncClient(follow_redirects=True, timeout=TIMEOUT, headers=headers) as client:
@@ -340,7 +360,7 @@ async def fetch(
             while True:
                 before = part.size
                 try:
-                    await _receive(client, url, part, transfer)
+                    await _receive(client, url, part, transfer, checked)
                     return await part.complete()
                 except (_Interrupted, httpx.TransportError) as error:
                     reason = str(error) or type(error).__name__

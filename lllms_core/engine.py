@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import msgspec
 import trio
 
-from lllms_core.errors import UnsupportedParameterError
+from lllms_core.errors import InvalidRequestError, UnsupportedParameterError
 from lllms_core.images import Image, RequestImages
 
 if TYPE_CHECKING:
@@ -338,6 +338,15 @@ class StopStringFilter:
     def flush(self) -> str:
         text, self.pending = self.pending, ""
         return text
+
+
+def check_token_ids(tokens: list[int], vocabulary_size: int, param: str) -> None:
+    """Refuse token ids outside a vocabulary of ``vocabulary_size`` tokens, naming ``param``."""
+    for token in tokens:
+        if not 0 <= token < vocabulary_size:
+            raise InvalidRequestError(
+                f"token id {token} is outside the vocabulary (0..{vocabulary_size - 1})", param=param
+            )
 
 
 def normalize_embedding(vector: list[float], dimensions: int | None = None) -> list[float]:

@@ -10,6 +10,7 @@ every model instance and returns; a second signal cancels at once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -30,6 +31,9 @@ def hypercorn_config(config: Config, host: str, port: int) -> hypercorn.config.C
     hyper = hypercorn.config.Config()
     hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hyper.graceful_timeout = config.http.shutdown_grace
+    # a ModelServer that waits for its start-up models is entered during hypercorn's start-up,
+    # which then takes as long as loading (and downloading) them
+    hyper.startup_timeout = math.inf
     hyper.accesslog = None  # lllms.http logs each request, with its id
     hyper.errorlog = logging.getLogger("lllms.hypercorn")
     return hyper

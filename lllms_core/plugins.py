@@ -15,10 +15,15 @@ from functools import cached_property
 import pluggy
 
 from lllms_core import composed, hookspecs, samplers, tasks
+from lllms_core.errors import ConfigError
 
 log = logging.getLogger("lllms.plugins")
 
 ENTRY_POINT_GROUP = "lllms"
+
+
+class PluginConflictError(ConfigError):
+    """Two plugins registered an engine, task or sampler of the same name."""
 
 
 class PluginManager(pluggy.PluginManager):
@@ -31,33 +36,53 @@ class PluginManager(pluggy.PluginManager):
         """Entry points that failed to load, with the error."""
         self.distributions: dict[str, str] = {}
         """Loaded entry-point plugins, with their distribution and version."""
+        self.owners: dict[str, dict[str, str]] = {}
+        """By kind (``engine``, ``task``, ``sampler``): the plugin that registered each name."""
 
-    def _collect(self, hook) -> dict:
+    def _collect(self, hook, kind: str) -> dict:
+        """What the plugins register through ``hook``, by name. Two plugins registering one
+        name is an error naming both: which of them would serve is not the user's choice."""
         found: dict = {}
+        owners = self.owners[kind] = {}
+        for implementation in hook.get_hookimpls():
+            plugin = implementation.plugin_name
 
-        def register(item) -> None:
-            if item.name in found and found[item.name] is not item:
-                log.warning("%s %r registered twice; keeping the first", type(item).__name__, item.name)
-                return
-            found[item.name] = item
+            def register(item, plugin=plugin) -> None:
+                owner = owners.setdefault(item.name, plugin)
+                if found.setdefault(item.name, item) is not item:
+                    raise PluginConflictError(
+                        f"{kind} {item.name!r} is registered by two plugins: {self.describe(owner)} and "
+                        f"{self.describe(plugin)}; uninstall one, or choose plugins with LLLMS_PLUGINS"
+                    )
 
-        hook(register=register)
+            arguments = {"register": register}
+            implementation.function(*[arguments[name] for name in implementation.argnames])
         return found
+
+    def describe(self, plugin: str) -> str:
+        """A plugin's name, with its distribution and version when it came from one (an
+        object registered without a name is named by its class)."""
+        distribution = self.distributions.get(plugin)
+        if distribution:
+            return f"{plugin!r} ({distribution})"
+        if plugin.isdigit():  # pluggy names such an object by its id()
+            return f"a {type(self.get_plugin(plugin)).__qualname__} object"
+        return repr(plugin)
 
     @cached_property
     def engines(self) -> dict:
         """Engine classes by name."""
-        return self._collect(self.hook.register_engines)
+        return self._collect(self.hook.register_engines, "engine")
 
     @cached_property
     def tasks(self) -> dict:
         """Tasks by name."""
-        return self._collect(self.hook.register_tasks)
+        return self._collect(self.hook.register_tasks, "task")
 
     @cached_property
     def samplers(self) -> dict:
         """Samplers by name."""
-        return self._collect(self.hook.register_samplers)
+        return self._collect(self.hook.register_samplers, "sampler")
 
     @cached_property
     def completion_parameters(self) -> frozenset[str]:

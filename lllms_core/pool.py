@@ -183,6 +183,8 @@ class ModelPool:
         self._startup: list[trio.Event] = []
         self._retry_delay: dict[str, float] = {}
         self._slots_seen: dict[str, int] = {}
+        self._start_errors: dict[str, str] = {}
+        """Why the last load (or blocking preparation) of a model the server starts with failed."""
         self.closed = False
 
     # --- public ---------------------------------------------------------------
@@ -206,8 +208,18 @@ class ModelPool:
 
     @property
     def ready(self) -> bool:
-        """Whether the instances and preparations that must exist at start are done."""
-        return all(event.is_set() for event in self._startup)
+        """Whether the instances and preparations that must exist at start are done, and
+        none of them failed (a model whose loads keep failing keeps the server not ready)."""
+        return all(event.is_set() for event in self._startup) and not self.failures()
+
+    def failures(self) -> dict[str, str]:
+        """The models that must be ready at start and are not, because loading (with
+        ``min_instances``) or preparing them (``prepare = "blocking"``) failed: their errors."""
+        return {
+            model_id: error
+            for model_id, error in self._start_errors.items()
+            if not any(i.model.id == model_id and i.ready for i in self.instances.values())
+        }
 
     async def wait_ready(self) -> None:
         for event in self._startup:
@@ -220,6 +232,11 @@ class ModelPool:
             "concurrency": self.config.server.concurrency,
             "instances": [instance.status() for instance in self.instances.values()],
         }
+
+    def context_keys(self) -> list[ContextKey]:
+        """The contexts this pool holds (so a request continuing one is cheaper here);
+        what a cluster's router compares requests with."""
+        return [slot.context_key for instance in self.instances.values() for slot in instance.slots if slot.context_key]
 
     # --- start and stop -------------------------------------------------------
 
@@ -241,6 +258,8 @@ class ModelPool:
             await self.store.prepare(model)
         except LllmsError as error:
             log.error("preparing model %r failed: %s", model.id, error.message)
+            if model.prepare == "blocking":
+                self._start_errors[model.id] = error.message
         finally:
             done.set()
 
@@ -429,6 +448,8 @@ class ModelPool:
                 f"model {model.id!r} failed to load: {type(exception).__name__}: {exception}"
             )
             log.error("loading %s failed: %s", instance.id, error.message)
+            if model.min_instances:
+                self._start_errors[model.id] = error.message
             self._forget(instance)
             self._fail_waiters(model, error)
             self._refill(model, failed=True)
@@ -442,6 +463,7 @@ class ModelPool:
             await self._preload(instance)
             instance.state = "ready"
             self._retry_delay.pop(model.id, None)
+            self._start_errors.pop(model.id, None)
             log.info("loaded %s (%d slots)", instance.id, len(instance.slots))
             task_status.started()
             self._dispatch()

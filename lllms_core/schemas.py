@@ -249,18 +249,21 @@ Prompt = Union[str, list[Union[str, int, list[int]]]]
 
 
 def _split_inputs(value: Any, field_name: str) -> list[str | list[int]]:
+    from lllms_core.errors import InvalidRequestError
+
     if isinstance(value, str):
         return [value]
     if all(isinstance(item, int) for item in value):
         return [value] if value else []
-    if all(isinstance(item, (str, list)) for item in value):
-        return list(value)
-    from lllms_core.errors import InvalidRequestError
-
-    raise InvalidRequestError(
-        f"`{field_name}` must be a string, a list of strings, a list of token ids or a list of token-id lists",
-        param=field_name,
-    )
+    if not all(isinstance(item, (str, list)) for item in value):
+        raise InvalidRequestError(
+            f"`{field_name}` must be a string, a list of strings, a list of token ids or a list of token-id lists",
+            param=field_name,
+        )
+    for index, item in enumerate(value):
+        if isinstance(item, list) and not item:
+            raise InvalidRequestError(f"`{field_name}[{index}]` is an empty list of token ids", param=f"{field_name}[{index}]")
+    return list(value)
 
 
 class TextCompletionRequest(CompletionParameters, kw_only=True, omit_defaults=True):
@@ -487,6 +490,8 @@ class Choice(Struct, kw_only=True):
     reasoning: str = ""
     tool_calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] | None = None
+    logprobs_offset: int = 0
+    """Where in ``text`` the first token with logprobs starts (after an echoed prompt)."""
     finish_reason: FinishReason = "stop"
     stop_sequence: str | None = None
     """The stop string that ended the choice, when its engine reports it."""

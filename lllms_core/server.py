@@ -8,7 +8,7 @@ import re
 import secrets
 import time
 from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, TypeVar
 
 import msgspec
 import trio
@@ -55,11 +55,19 @@ from lllms_core.schemas import (
     TranscriptionRequest,
     TranscriptionResult,
     Usage,
+    decoder_for,
 )
 from lllms_core.store import ModelStore
 from lllms_core.tasks import ANY_MODEL_TASKS, tasks_served
 
 log = logging.getLogger("lllms.server")
+
+T = TypeVar("T")
+
+
+MAX_NESTING = 100
+"""How deep a request may nest (objects and arrays, its own fields included): deeper
+input is refused rather than recursed into by JSON decoders and grammar builders."""
 
 
 def validation_error(error: msgspec.ValidationError) -> InvalidRequestError:
@@ -73,6 +81,70 @@ def validation_error(error: msgspec.ValidationError) -> InvalidRequestError:
     if missing:
         param = f"{param}.{missing.group(1)}" if param else missing.group(1)
     return InvalidRequestError(message, param=param)
+
+
+def too_deeply_nested() -> InvalidRequestError:
+    return InvalidRequestError(f"The request nests objects and arrays more than {MAX_NESTING} levels deep", code="too_deeply_nested")
+
+
+def parse_request(source: bytes | dict, kind: type[T]) -> T:
+    """A request Struct from a JSON body (bytes) or a dict: malformed JSON, wrong values and
+    input nested too deeply become 400s."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            request = decoder_for(kind).decode(source)
+        else:
+            request = msgspec.convert(source, kind)
+    except msgspec.ValidationError as error:
+        raise validation_error(error) from None
+    except msgspec.DecodeError as error:
+        raise InvalidRequestError(f"The request body is not valid JSON: {error}", code="invalid_json") from None
+    except RecursionError:
+        raise too_deeply_nested() from None
+    if nesting_depth(request) > MAX_NESTING:
+        raise too_deeply_nested()
+    return request
+
+
+def nesting_depth(value: Any) -> int:
+    """How many levels of Structs, dicts and lists ``value`` nests (without recursing)."""
+    deepest = 0
+    pending = [(value, 0)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, msgspec.Struct):
+            children = [getattr(node, name) for name in node.__struct_fields__]
+        elif isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, (list, tuple)):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_NESTING:
+            return deepest
+        pending += [(child, depth + 1) for child in children]
+    return deepest
+
+
+def with_defaults(request: Any, defaults: dict[str, Any]) -> Any:
+    """``request`` with a model's ``completion_defaults`` where it is silent: request fields
+    that are unset, and plugin sampler parameters absent from ``plugin_parameters``."""
+    fields = request.__struct_fields__
+    unset = {name: value for name, value in defaults.items() if name in fields and getattr(request, name) is None}
+    if "plugin_parameters" in fields:
+        plugin = {name: value for name, value in defaults.items() if name not in fields}
+        if plugin.keys() - request.plugin_parameters.keys():
+            unset["plugin_parameters"] = {**plugin, **request.plugin_parameters}
+    return msgspec.structs.replace(request, **unset) if unset else request
+
+
+def leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions of a (nested) exception group."""
+    found: list[BaseException] = []
+    for exception in group.exceptions:
+        found += leaves(exception) if isinstance(exception, BaseExceptionGroup) else [exception]
+    return found
 
 
 class TaskStream:
@@ -134,10 +206,12 @@ class CompletionStream(TaskStream):
 
     def _push(self, chunk: CompletionChunk) -> None:
         choice = self.choices[chunk.index]
+        if chunk.logprobs:
+            if choice.logprobs is None:
+                choice.logprobs_offset = len(choice.text)
+            choice.logprobs = (choice.logprobs or []) + chunk.logprobs
         choice.text += chunk.text
         choice.reasoning += chunk.reasoning
-        if chunk.logprobs:
-            choice.logprobs = (choice.logprobs or []) + chunk.logprobs
         for delta in chunk.tool_calls or ():
             if delta.index >= len(choice.tool_calls):
                 choice.tool_calls.append(
@@ -246,18 +320,30 @@ class ModelServer:
 
     async def __aenter__(self) -> "ModelServer":
         self._stack = AsyncExitStack()
-        self.pool = await self._stack.enter_async_context(open_model_pool(self.config, self.engines, self.store))
-        # generations run here, so a consumer's exceptions never pass through a nursery of ours
-        self._generations = await self._stack.enter_async_context(trio.open_nursery())
-        self._stack.callback(self._generations.cancel_scope.cancel)
-        if self.wait_ready:
-            await self.pool.wait_ready()
+        try:
+            self.pool = await self._stack.enter_async_context(open_model_pool(self.config, self.engines, self.store))
+            # generations run here, so a consumer's exceptions never pass through a nursery of ours
+            self._generations = await self._stack.enter_async_context(trio.open_nursery())
+            self._stack.callback(self._generations.cancel_scope.cancel)
+            if self.wait_ready:
+                await self.pool.wait_ready()
+        except BaseException as error:
+            await self.__aexit__(type(error), error, error.__traceback__)
+            raise
         return self
 
     async def __aexit__(self, *exc_info) -> bool | None:
         stack, self._stack = self._stack, None
         assert stack is not None
-        return await stack.__aexit__(*exc_info)
+        try:
+            return await stack.__aexit__(*exc_info)
+        except BaseExceptionGroup as group:
+            # the caller's own exception, wrapped by the pool's nursery on its way out: it is
+            # what the caller raised (an LllmsError from a request), so it leaves as it came
+            error = exc_info[1]
+            if error is not None and all(leaf is error for leaf in leaves(group)):
+                raise error from None
+            raise
 
     # --- facts ----------------------------------------------------------------
 
@@ -269,17 +355,28 @@ class ModelServer:
         assert self.pool is not None
         store = self.store.status()
         pool = self.pool.status()
+        failures = self.pool.failures()
         return {
             "ready": self.ready,
             "processing": pool["processing"],
             "queued": pool["queued"],
             "concurrency": pool["concurrency"],
             "models": {
-                model.id: {"engine": model.engine, "task": model.task, **store.get(model.id, {})}
+                model.id: {
+                    "engine": model.engine,
+                    "task": model.task,
+                    **store.get(model.id, {}),
+                    "start_error": failures.get(model.id),
+                }
                 for model in self.config.models.values()
             },
             "instances": pool["instances"],
         }
+
+    async def report(self) -> dict[str, Any]:
+        """The status report as fresh as it can be had (what ``GET /`` answers): a server
+        whose models run elsewhere asks them here; this one has it at hand."""
+        return self.status()
 
     # --- requests -------------------------------------------------------------
     # ``_callers``: the models whose tasks make this request (see ModelCalls); empty for a client's.
@@ -287,10 +384,7 @@ class ModelServer:
     def _resolve(self, task_name: str, request: Any, callers: tuple[str, ...] = ()):
         task = self.plugins.tasks[task_name]
         if isinstance(request, dict):
-            try:
-                request = msgspec.convert(request, task.request)
-            except msgspec.ValidationError as error:
-                raise validation_error(error) from None
+            request = parse_request(request, task.request)
         model = self.config.models.get(request.model)
         if model is None:
             raise ModelNotFoundError(f"The model {request.model!r} does not exist", param="model")
@@ -303,8 +397,7 @@ class ModelServer:
                 f"model {model.id!r} is a {model.task} model; it does not serve {task_name}", param="model"
             )
         if model.completion_defaults:
-            unset = {k: v for k, v in model.completion_defaults.items() if getattr(request, k, 0) is None}
-            request = msgspec.structs.replace(request, **unset)
+            request = with_defaults(request, model.completion_defaults)
         engine = self.engines[model.engine]
         if task_name in ANY_MODEL_TASKS and not engine.implements(task.method):
             raise engine.unsupported("model", task_name.replace("-", " "))
@@ -419,9 +512,15 @@ class ModelServer:
         return self._stream("chat-completion", request, lambda r: chat_key(r.messages[:-1]), _callers)
 
     def stream_text_completion(self, request: TextCompletionRequest | dict, *, _callers: tuple[str, ...] = ()):
+        """One prompt per call (the HTTP API runs a list of prompts as one call each)."""
+
         def key(r: TextCompletionRequest) -> ContextKey:
-            prompt = r.prompts[0]
-            return text_key(prompt) if isinstance(prompt, str) and len(r.prompts) == 1 else ()
+            prompts = r.prompts
+            if len(prompts) != 1:
+                raise InvalidRequestError(
+                    f"`prompt` must be one prompt here, not {len(prompts)}: run one completion per prompt", param="prompt"
+                )
+            return text_key(prompts[0]) if isinstance(prompts[0], str) else ()
 
         return self._stream("text-completion", request, key, _callers)
 

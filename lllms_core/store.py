@@ -366,7 +366,9 @@ class ModelStore:
         try:
             # sha256 always: remembered, a checksum added to the config later needs no hashing
             algorithms = {"sha256", *expected}
-            digests = await fetch(url, part, transfer, algorithms=algorithms, headers=_auth_headers(url))
+            digests = await fetch(
+                url, part, transfer, algorithms=algorithms, checked=bool(expected), headers=_auth_headers(url)
+            )
         finally:
             self._transfers.remove(transfer)
         try:

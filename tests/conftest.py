@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from helpers.api_models import API_SERVER_CONFIG, APIS_SERVER_CONFIG
+
 from lllms_core.testing import BackgroundServer
 
 
@@ -48,30 +50,7 @@ def api_server(server_factory) -> BackgroundServer:
     """One server with a fake model for each task: ``chat`` (4 slots), ``slow`` (a
     200-word answer at 20 tokens/s, one slot), ``lazy`` (takes 0.5 s to load, disposed
     when idle), ``embed`` and ``whisper``. Keep-alive comments every 0.1 s."""
-    return server_factory(
-        {
-            "server": {"concurrency": 8},
-            "http": {"keepalive_interval": 0.1},
-            "models": {
-                "chat": {"engine": "fake", "slots": 4},
-                "slow": {"engine": "fake", "token_delay": 0.05, "reply": " ".join(["word"] * 200)},
-                "lazy": {"engine": "fake", "load_delay": 0.5, "ttl": 0},
-                "embed": {"engine": "fake", "task": "embedding"},
-                "whisper": {"engine": "fake", "task": "speech-to-text"},
-            },
-        }
-    )
-
-
-THINKING_TEMPLATE = (
-    "{# answers may open a <think> block #}"
-    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-OPENING_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
-)
+    return server_factory(API_SERVER_CONFIG)
 
 
 @pytest.fixture(scope="session")
@@ -79,24 +58,4 @@ def apis_server(server_factory) -> BackgroundServer:
     """Fake models for the other APIs: ``chat``; ``thinker``, whose template lets answers open a
     ``<think>`` block and whose answer does; ``opener``, whose template opens the block itself;
     ``ranker`` (a rerank model) and ``embed``."""
-    return server_factory(
-        {
-            "server": {"concurrency": 8},
-            "http": {"keepalive_interval": 0.1},
-            "models": {
-                "chat": {"engine": "fake", "slots": 2},
-                "thinker": {
-                    "engine": "fake",
-                    "chat_template": THINKING_TEMPLATE,
-                    "reply": "<think> the user greets me so I greet back </think> Hello there",
-                },
-                "opener": {
-                    "engine": "fake",
-                    "chat_template": OPENING_TEMPLATE,
-                    "reply": "pondering this for a while </think> Done",
-                },
-                "ranker": {"engine": "fake", "task": "rerank"},
-                "embed": {"engine": "fake", "task": "embedding"},
-            },
-        }
-    )
+    return server_factory(APIS_SERVER_CONFIG)

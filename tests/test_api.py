@@ -226,15 +226,18 @@ def test_a_list_of_prompts_times_n_gives_consecutive_choices(http):
 
 
 def test_completion_echo_and_legacy_logprobs(http):
-    response = http.post("/v1/completions", json={"model": "chat", "prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 2})
-    body = validate("CreateCompletionResponse", response.json())
-    [choice] = body["choices"]
+    body = {"model": "chat", "prompt": "hi", "echo": True, "logprobs": 1, "max_tokens": 2}
+    response = http.post("/v1/completions", json=body)
+    [choice] = validate("CreateCompletionResponse", response.json())["choices"]
     assert choice["text"] == "hiand then"
     logprobs = choice["logprobs"]
     assert logprobs["tokens"] == ["and", " then"]
     assert logprobs["token_logprobs"] == [-0.5, -0.5]
     assert logprobs["top_logprobs"] == [{"and": -0.5}, {" then": -0.5}]
-    assert logprobs["text_offset"] == [0, 3]
+    assert logprobs["text_offset"] == [2, 5], "offsets in the text, echoed prompt included"
+    chunks = validate_completion_stream(stream_lines(http, "/v1/completions", {**body, "stream": True}))
+    assert [offset for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+            for offset in c["choices"][0]["logprobs"]["text_offset"]] == [2, 5]  # fmt: skip
 
 
 def test_completion_stream(http):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 
 import httpx
+import httpx2
+import msgspec
 import openai
 import pytest
 from helpers.openai_schema import openai_client, parse_sse, validate
@@ -83,6 +85,42 @@ def test_invalid_values_name_the_field(http, body, param):
     error = error_of(http.post("/v1/chat/completions", json=body), 400)
     assert error["param"] is not None and error["param"].startswith(param), error
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", {"model": "chat", "prompt": [[]]}, "prompt[0]"),
+        ("/v1/completions", {"model": "chat", "prompt": ["hi", []], "stream": True}, "prompt[1]"),
+        ("/v1/embeddings", {"model": "embed", "input": ["a", []]}, "input[1]"),
+    ],
+)
+def test_an_empty_token_list_is_a_400_naming_it(http, path, body, param):
+    error = error_of(http.post(path, json=body), 400)
+    assert error["param"] == param and "empty" in error["message"]
+
+
+@pytest.mark.parametrize("levels", [1000, 100_000])
+def test_json_nested_too_deeply_is_a_400(http, levels):
+    nested = "[" * levels + "]" * levels
+    unknown_field = b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}], "x": %s}' % nested.encode()
+    for body in (unknown_field, schema_request(levels)):
+        error = error_of(http.post("/v1/chat/completions", content=body), 400)
+        assert error["code"] == "too_deeply_nested" and "100 levels" in error["message"]
+    assert http.post("/v1/chat/completions", json=chat()).status_code == 200
+
+
+def test_a_schema_deeper_than_engines_should_recurse_into_is_a_400(http):
+    # 150 levels decode without trouble, but what reaches an engine must not make it recurse that deep
+    error = error_of(http.post("/v1/chat/completions", content=schema_request(75)), 400)
+    assert error["code"] == "too_deeply_nested"
+
+
+def schema_request(levels: int) -> bytes:
+    """A chat request whose json_schema nests ``levels`` objects (two JSON levels each)."""
+    schema = '{"type": "object", "properties": {"a": ' * levels + '{"type": "string"}' + "}}" * levels
+    response_format = {"type": "json_schema", "json_schema": {"name": "deep", "schema": "SCHEMA"}}
+    return msgspec.json.encode(chat(response_format=response_format)).replace(b'"SCHEMA"', schema.encode())
 
 
 def test_a_missing_field_is_named(http):
@@ -182,6 +220,31 @@ def test_unknown_routes_and_methods(http):
     response = http.get("/v1/chat/completions")
     error = error_of(response, 405)
     assert "POST" in response.headers["allow"]
+
+
+def test_the_connection_of_an_answer_sent_before_the_body_was_read_is_closed(http, server_for_test):
+    """A 401, 404 or 405 goes out before the body is read; the rest of a large body would stall
+    the connection, and the next request on it would never be answered."""
+    big = chat(messages=[{"role": "user", "content": "x" * 2_000_000}])
+    guarded_server = server_for_test({"http": {"api_keys": [KEY]}, "models": {"chat": {"engine": "fake"}}})
+    with httpx.Client(base_url=guarded_server.base_url, timeout=10) as pooled:
+        for method, path, status, headers in [
+            ("POST", "/v1/chat/completions", 401, {}),
+            ("POST", "/v1/nothing/here", 404, {"Authorization": f"Bearer {KEY}"}),
+            ("PUT", "/v1/chat/completions", 405, {"Authorization": f"Bearer {KEY}"}),
+        ]:
+            response = pooled.request(method, path, json=big, headers=headers)
+            assert response.status_code == status and response.headers["connection"] == "close"
+            assert pooled.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        answered = pooled.post("/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {KEY}"})
+        assert "connection" not in answered.headers, "a request whose body was read keeps its connection"
+    # the openai client shares its pooled connections between calls
+    shared = httpx2.Client(timeout=10)
+    wrong = openai.OpenAI(base_url=guarded_server.url("/v1"), api_key="sk-wrong", max_retries=0, http_client=shared)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="chat", messages=big["messages"])
+    right = openai.OpenAI(base_url=guarded_server.url("/v1"), api_key=KEY, max_retries=0, http_client=shared)
+    assert right.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}]).choices
 
 
 # --- limits -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and starting it with hypercorn's command line."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -50,6 +51,50 @@ def test_health_is_503_until_the_startup_models_are_loaded(server_for_test):
         assert http_client.get("/").json()["ready"] is False
         wait_until(lambda: http_client.get("/health").status_code == 200)
         assert http_client.get("/health").json() == {"status": "ok"}
+
+
+def test_a_startup_model_that_cannot_load_keeps_the_server_not_ready_and_says_why(server_for_test):
+    server = server_for_test(
+        {"models": {"chat": {"engine": "fake"}, "broken": {"engine": "fake", "fail_loads": 1_000_000, "min_instances": 1}}}
+    )
+    with httpx.Client(base_url=server.base_url, timeout=10) as http_client:
+        wait_until(lambda: http_client.get("/health").json()["status"] != "loading")
+        health = http_client.get("/health")
+        assert (health.status_code, health.json()) == (
+            503, {"status": "failed", "errors": {"broken": "fake model 'broken' refuses to load"}}
+        )  # fmt: skip
+        status = http_client.get("/").json()
+        assert status["ready"] is False
+        assert status["models"]["broken"]["start_error"] == "fake model 'broken' refuses to load"
+        assert status["models"]["chat"]["start_error"] is None
+        assert "lllms_ready 0.0" in http_client.get("/metrics").text
+
+
+def test_the_api_shows_file_names_not_where_the_server_keeps_them(server_for_test, tmp_path):
+    models = {"missing": {"engine": "fake", "location": str(tmp_path / "models" / "gone.gguf")}}
+    for expose, shown in ((False, "gone.gguf"), (True, str(tmp_path / "models" / "gone.gguf"))):
+        server = server_for_test({"http": {"expose_paths": expose}, "models": models})
+        with httpx.Client(base_url=server.base_url, timeout=10) as http_client:
+            assert http_client.get("/").json()["models"]["missing"]["location"] == shown
+            body = {"model": "missing", "messages": [{"role": "user", "content": "hi"}]}
+            error = http_client.post("/v1/chat/completions", json=body).json()["error"]
+            assert error["message"] == f"model 'missing': {shown} does not exist"
+            with http_client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+                event = [line for line in response.iter_lines() if line][-1]
+            assert f"model 'missing': {shown} does not exist" in event
+            assert str(tmp_path) not in event or expose
+
+
+def test_a_client_going_away_mid_stream_is_a_normal_disconnect_not_an_error(server_for_test, caplog):
+    server = server_for_test({"models": {"fast": {"engine": "fake", "slots": 4, "reply": " ".join(["word"] * 5000)}}})
+    caplog.set_level("DEBUG")
+    body = {"model": "fast", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    with httpx.Client(base_url=server.base_url, timeout=10) as http_client:
+        for _ in range(20):
+            with http_client.stream("POST", "/v1/chat/completions", json=body) as response:
+                next(response.iter_lines())
+        wait_until(lambda: not slot_busy(http_client, "fast"))
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
 
 
 def test_an_abandoned_stream_frees_the_instance_at_once(http, api_server):

@@ -75,14 +75,20 @@ def test_help_is_fast_and_imports_no_engine_or_web_framework():
         assert command in help_text.stdout
 
 
-def test_plugins_lists_the_fake_engine_and_a_plugin_that_failed_to_load(tmp_path):
-    site = tmp_path / "site"
-    info = site / "lllms_broken-0.1.dist-info"
+def installed_plugin(site: Path, name: str, version: str, code: str) -> dict[str, str]:
+    """A plugin distribution ``lllms-<name>`` whose entry point ``name`` is the module
+    ``lllms_<name>`` holding ``code``, in ``site``; the environment that sees it."""
+    info = site / f"lllms_{name}-{version}.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lllms-broken\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[lllms]\nbroken = lllms_broken\n")
-    (site / "lllms_broken.py").write_text("raise ImportError('lllms_broken needs libfoo, which is not installed')\n")
-    env = {"PYTHONPATH": str(site)}
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: lllms-{name}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[lllms]\n{name} = lllms_{name}\n")
+    (site / f"lllms_{name}.py").write_text(code)
+    return {"PYTHONPATH": str(site)}
+
+
+def test_plugins_lists_the_fake_engine_and_a_plugin_that_failed_to_load(tmp_path):
+    code = "raise ImportError('lllms_broken needs libfoo, which is not installed')\n"
+    env = installed_plugin(tmp_path / "site", "broken", "0.1", code)
 
     result = lllms("plugins", "--json", env=env)
     assert result.returncode == 0, result.stderr
@@ -100,6 +106,25 @@ def test_plugins_lists_the_fake_engine_and_a_plugin_that_failed_to_load(tmp_path
     assert table.returncode == 0, table.stderr
     assert "lllms-fake-engine" in table.stdout
     assert "Failed to load" in table.stdout and "needs libfoo" in table.stdout
+
+
+def test_two_plugins_registering_one_engine_name_is_an_error_naming_both(tmp_path):
+    code = (
+        "from lllms_core.plugin_api import hookimpl\n"
+        "from lllms_core.testing.fake import FakeEngine\n\n"
+        "class Twin(FakeEngine):\n    pass\n\n"
+        "@hookimpl\ndef register_engines(register):\n    register(Twin)\n"
+    )
+    env = installed_plugin(tmp_path / "site", "twin", "0.2", code)
+    for args in (["plugins"], ["run", "m", "hi"]):
+        result = lllms(*args, env=env)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert "engine 'fake' is registered by two plugins" in result.stderr
+        assert "'fake' (lllms-fake-engine 0.1.0)" in result.stderr and "'twin' (lllms-twin 0.2)" in result.stderr
+    chosen = lllms("plugins", "--json", env={**env, "LLLMS_PLUGINS": "fake"})
+    assert chosen.returncode == 0, chosen.stderr
+    assert [engine["plugin"] for engine in json.loads(chosen.stdout)["engines"]] == ["fake"]
 
 
 def test_run_streams_the_answer_of_a_chat_model_and_of_a_text_model(tmp_path, cache):

@@ -3,6 +3,7 @@ that every hook is documented and tested."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,13 +11,16 @@ import msgspec
 import pytest
 
 from lllms_core import hookspecs
-from lllms_core.errors import UnsupportedParameterError
+from lllms_core.config import load_config
+from lllms_core.errors import ConfigError, UnsupportedParameterError
 from lllms_core.hookspecs import hookimpl
-from lllms_core.plugins import get_plugin_manager
+from lllms_core.plugins import PluginConflictError, get_plugin_manager
 from lllms_core.samplers import Sampler, check_request
-from lllms_core.schemas import ChatCompletionRequest, Request
+from lllms_core.schemas import ChatCompletionRequest, CompletionChunk, CompletionResult, Request, Usage, UserMessage
 from lllms_core.server import ModelServer
 from lllms_core.tasks import Task
+from lllms_core.testing import fake, plugin_manager
+from lllms_core.testing.fake import FakeEngine
 
 ROOT = Path(__file__).parent.parent
 HOOKS = sorted(name for name in dir(hookspecs) if name.startswith("register_"))
@@ -110,6 +114,70 @@ def test_a_builtin_sampler_the_engine_lacks_is_refused_naming_parameter_and_engi
     assert refused.value.param == "top_k"
     assert refused.value.status == 400
     assert "'fake'" in refused.value.message
+
+
+class Twin:
+    """A second plugin registering names the fake engine's plugin and the built-ins have."""
+
+    @hookimpl
+    def register_engines(self, register):
+        register(type("Twin", (FakeEngine,), {}))
+
+    @hookimpl
+    def register_samplers(self, register):
+        register(Sampler(name="temperature", parameters=("temperature",)))
+
+
+def test_two_plugins_registering_one_name_is_an_error_naming_both():
+    manager = plugin_manager(fake, Twin())
+    with pytest.raises(PluginConflictError) as engine:
+        manager.engines
+    assert "engine 'fake' is registered by two plugins" in engine.value.message
+    assert "lllms_core.testing.fake" in engine.value.message and "Twin" in engine.value.message
+    with pytest.raises(PluginConflictError) as sampler:
+        manager.samplers
+    assert "sampler 'temperature'" in sampler.value.message and "'lllms.samplers'" in sampler.value.message
+    with pytest.raises(PluginConflictError):
+        ModelServer({"models": {"m": {"engine": "fake"}}}, plugins=manager)
+
+
+class ParameterEcho(FakeEngine):
+    """Answers with the plugin sampler parameters its request carries."""
+
+    name = "parameter-echo"
+    logits_processors = True
+
+    async def chat_completion(self, context, request, sink):
+        await sink.send(CompletionChunk(text=json.dumps(request.plugin_parameters, sort_keys=True)))
+        return CompletionResult(finish_reasons=["stop"], usage=Usage(prompt_tokens=1, completion_tokens=1))
+
+
+class Banana:
+    @hookimpl
+    def register_engines(self, register):
+        register(ParameterEcho)
+
+    @hookimpl
+    def register_samplers(self, register):
+        register(Sampler(name="banana", parameters=("banana_strength",), logits_processor=lambda value, request: None))
+
+
+async def test_completion_defaults_of_plugin_sampler_parameters_are_applied():
+    config = {"models": {"m": {"engine": "parameter-echo", "completion_defaults": {"banana_strength": 2}}}}
+    async with ModelServer(config, plugins=plugin_manager(fake, Banana())) as server:
+        silent = await server.chat_completion({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        told = await server.chat_completion(
+            ChatCompletionRequest(model="m", messages=[UserMessage(content="hi")], plugin_parameters={"banana_strength": 5})
+        )
+    assert silent.choices[0].text == '{"banana_strength": 2}'
+    assert told.choices[0].text == '{"banana_strength": 5}'
+
+
+def test_a_plugin_sampler_default_for_an_engine_that_cannot_apply_it_is_a_config_error():
+    with pytest.raises(ConfigError) as refused:
+        load_config({"models": {"m": {"engine": "fake", "completion_defaults": {"banana_strength": 2}}}},
+                    plugin_manager(fake, Banana()))  # fmt: skip
+    assert "banana_strength" in refused.value.message and "'fake'" in refused.value.message
 
 
 @pytest.mark.parametrize("hook", HOOKS)

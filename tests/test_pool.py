@@ -7,7 +7,7 @@ import trio
 
 from lllms_core.errors import ModelLoadError, QueueFullError, RequestTimeoutError
 from lllms_core.server import ModelServer
-from lllms_fake import EVENTS
+from lllms_core.testing.fake import EVENTS
 
 pytestmark = pytest.mark.timeout(30)
 

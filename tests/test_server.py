@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers.sound import tone_wav
 
-from lllms_core.errors import InvalidRequestError, ModelNotFoundError, UnsupportedParameterError
+from lllms_core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, UnsupportedParameterError
 from lllms_core.server import ModelServer
 
 pytestmark = pytest.mark.timeout(30)
@@ -85,3 +85,19 @@ async def test_requests_that_cannot_be_served_are_refused_before_anything_runs(s
         await server.chat_completion({"model": "chat", "messages": user("hi"), "temperature": 3})
     assert invalid.value.param == "temperature"
     assert server.status()["processing"] == 0 and server.status()["queued"] == 0
+
+
+async def test_an_error_leaving_the_model_server_block_is_raised_as_it_is_not_in_an_exception_group():
+    with pytest.raises(ModelLoadError, match="refuses to load"):
+        async with ModelServer({"models": {"broken": {"engine": "fake", "fail_loads": 1_000}}}) as server:
+            await server.chat_completion({"model": "broken", "messages": user("hi")})
+    with pytest.raises(KeyError, match="the caller's own"):
+        async with ModelServer(CONFIG):
+            raise KeyError("the caller's own")
+
+
+async def test_one_prompt_per_call_and_no_empty_token_prompt_reach_the_engine(server):
+    for prompt, param in (([], "prompt"), (["a", "b"], "prompt"), ([[]], "prompt[0]")):
+        with pytest.raises(InvalidRequestError) as refused:
+            await server.text_completion({"model": "chat", "prompt": prompt})
+        assert refused.value.param == param

@@ -138,6 +138,28 @@ async def test_server_that_ignores_range_is_downloaded_again_from_the_start(serv
     assert len(server.gets()) == 2
 
 
+async def test_a_download_whose_server_does_not_tell_its_size_needs_a_checksum(server, cache):
+    content = data(500_000)
+    url = server.add("/files/sizeless.gguf", content)
+    server.omit_length = True  # the body ends when the server closes the connection
+    server.cut_after["/files/sizeless.gguf"] = 200_000
+    store = make_store(cache)
+    unchecked = make_model(url)
+    with pytest.raises(DownloadError, match="no Content-Length") as refused:
+        await store.prepare(unchecked)
+    assert "configure its sha256" in refused.value.message
+    location = store.location(unchecked)
+    assert not location.exists()
+
+    # with a checksum, a connection cut early is caught, and the next attempt completes
+    checked = make_model(url, sha256=sha256(content))
+    server.cut_after["/files/sizeless.gguf"] = 200_000
+    with pytest.raises(ChecksumMismatchError):
+        await store.prepare(checked)
+    assert not location.exists() and not part_of(location).exists()
+    assert (await store.prepare(checked)).read_bytes() == content
+
+
 async def test_cancelled_download_keeps_part_and_next_prepare_resumes(server, cache):
     content = data(600_000)
     url = server.add("/files/slow.gguf", content)

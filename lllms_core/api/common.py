@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import re
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import msgspec
 from quart import Response, current_app, request
 
 from lllms_core.errors import InvalidRequestError, LllmsError, QueueFullError
-from lllms_core.schemas import decoder_for
-from lllms_core.server import ModelServer, validation_error
+from lllms_core.server import ModelServer, parse_request
+from lllms_core.store import model_files
 
 T = TypeVar("T")
-
-_any_json = msgspec.json.Decoder()
 
 
 class MethodNotAllowedError(InvalidRequestError):
@@ -28,12 +30,53 @@ class InternalError(LllmsError):
     code = "internal_error"
 
 
+class PathRedactor:
+    """Cuts the directories of the model files and of the cache from the strings of a JSON
+    body, so that clients see file names, not where the server keeps them."""
+
+    def __init__(self, directories: list[Path]):
+        ordered = sorted({str(directory) for directory in directories if str(directory) != "/"}, key=len, reverse=True)
+        # a directory and its separator go; a directory named on its own becomes its name
+        alternatives = [f"{re.escape(d)}(?:{re.escape(os.sep)}|(?![\\w.-]))" for d in ordered]
+        self._pattern = re.compile("|".join(alternatives)) if alternatives else None
+
+    def __call__(self, value: Any) -> Any:
+        if self._pattern is None:
+            return value
+        if isinstance(value, str):
+            return self._pattern.sub(self._name, value)
+        if isinstance(value, dict):
+            return {key: self(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self(item) for item in value]
+        return value
+
+    @staticmethod
+    def _name(match: re.Match) -> str:
+        text = match.group(0)
+        return "" if text.endswith(os.sep) else os.path.basename(text)
+
+    @classmethod
+    def of(cls, server: ModelServer) -> "PathRedactor":
+        directories = [server.store.cache_dir]
+        for model in server.config.models.values():
+            try:
+                directories += [file.path.parent for file in model_files(model, server.store.cache_dir)]
+            except LllmsError:  # a bad source: its error names no path
+                continue
+        return cls(directories)
+
+
 class AppState:
     """What the routes of one app share: the model server and the metrics."""
 
     def __init__(self, server: ModelServer, metrics: Any):
         self.server = server
         self.metrics = metrics
+        shown_as_is = server.config.http.expose_paths
+        self.public: Callable[[Any], Any] = (lambda value: value) if shown_as_is else PathRedactor.of(server)
+        """What a status, health or error body may show: without file paths unless
+        ``http.expose_paths``."""
         self.created = int(time.time())
         """Reported as each model's ``created``: the models exist since the server started."""
         plugin_parameters = {
@@ -44,6 +87,15 @@ class AppState:
         }
         self.plugin_parameters = plugin_parameters
         """Parameters of plugin samplers: not request fields, so taken from the raw body."""
+
+    def public_error(self, error: LllmsError) -> LllmsError:
+        """``error`` as clients may see it: its message without file paths."""
+        message = self.public(error.message)
+        if message == error.message:
+            return error
+        shown = copy.copy(error)
+        shown.message, shown.args = message, (message,)
+        return shown
 
 
 def state() -> AppState:
@@ -86,27 +138,17 @@ def error_response(error: LllmsError) -> Response:
         headers["Retry-After"] = str(error.retry_after)
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return json_response(error_body(error, request.path), error.status, headers)
-
-
-def decode_body(body: bytes, kind: type[T]) -> T:
-    """A request Struct from a JSON body: malformed JSON and wrong values become 400s."""
-    try:
-        return decoder_for(kind).decode(body)
-    except msgspec.ValidationError as error:
-        raise validation_error(error) from None
-    except msgspec.DecodeError as error:
-        raise InvalidRequestError(f"The request body is not valid JSON: {error}", code="invalid_json") from None
+    return json_response(error_body(state().public_error(error), request.path), error.status, headers)
 
 
 async def read_request(kind: type[T]) -> T:
     """The request Struct of this request's JSON body, with plugin sampler parameters
     moved into ``plugin_parameters``."""
     body = await request.get_data(as_text=False)
-    parsed = decode_body(body, kind)
+    parsed = parse_request(body, kind)
     wanted = state().plugin_parameters - set(getattr(kind, "__struct_fields__", ()))
     if wanted and "plugin_parameters" in kind.__struct_fields__ and any(f'"{name}"'.encode() in body for name in wanted):
-        raw = _any_json.decode(body)
+        raw = parse_request(body, dict[str, Any])
         values = {name: raw[name] for name in wanted if raw.get(name) is not None}
         if values:
             parsed = msgspec.structs.replace(parsed, plugin_parameters=values)

@@ -130,7 +130,7 @@ def text_completion_body(streams: list[CompletionStream], completion: TextComple
         for choice in stream.choices:
             logprobs = None
             if completion.logprobs is not None:
-                logprobs = text_logprobs(choice.logprobs, completion.logprobs, 0)
+                logprobs = text_logprobs(choice.logprobs, completion.logprobs, choice.logprobs_offset)
             choices.append(
                 {
                     "index": offset + choice.index,
@@ -267,9 +267,11 @@ class TextEvents(ChunkEvents):
         index = self.offsets[id(stream)] + chunk.index
         logprobs = None
         if self.request.logprobs is not None:
-            position = self.positions.get(index, 0)
+            # the stream recorded where the choice's first token with logprobs starts
+            position = self.positions.get(index, stream.choices[chunk.index].logprobs_offset)
             logprobs = text_logprobs(chunk.logprobs, self.request.logprobs, position)
-            self.positions[index] = position + sum(len(token.token) for token in chunk.logprobs or ())
+            if chunk.logprobs:
+                self.positions[index] = position + sum(len(token.token) for token in chunk.logprobs)
         if not chunk.text and not chunk.logprobs:
             return []
         return [self.event([{"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": None}])]
@@ -351,35 +353,41 @@ async def produce_events(
 ) -> None:
     """Write a completion's events into ``send``: the events' beginning, keep-alives while
     waiting for an instance, the chunks, the finish events, the end (``[DONE]``). An error
-    during generation is sent as the events' error event, which ends the stream."""
+    during generation is sent as the events' error event, which ends the stream. A client
+    that goes away closes the response body, which ends this quietly."""
     keepalive = app_state.server.config.http.keepalive_interval
-    async with send:
-        async with open_streams() as streams:
-            task_status.started()
-            events = events_of(streams)
-            try:
-                for event in events.begin():
+    try:
+        async with send:
+            async with open_streams() as streams:
+                task_status.started()
+                events = events_of(streams)
+                try:
+                    for event in events.begin():
+                        await send.send(event)
+                    for stream in streams:
+                        async for chunk in with_keepalive(stream, send, keepalive, events.keepalive):
+                            for event in events.chunk(stream, chunk):
+                                await send.send(event)
+                    await events.complete()
+                except LllmsError as error:
+                    for event in events.error(app_state.public_error(error)):
+                        await send.send(event)
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    raise  # the client went away
+                except Exception:
+                    log.exception("streaming failed", extra={"request_id": request_id})
+                    error = InternalError(f"Internal server error (request id {request_id})")
+                    for event in events.error(app_state.public_error(error)):
+                        await send.send(event)
+                    return
+                for event in events.finish():
                     await send.send(event)
-                for stream in streams:
-                    async for chunk in with_keepalive(stream, send, keepalive, events.keepalive):
-                        for event in events.chunk(stream, chunk):
-                            await send.send(event)
-                await events.complete()
-            except LllmsError as error:
-                for event in events.error(error):
-                    await send.send(event)
-                return
-            except Exception:
-                log.exception("streaming failed", extra={"request_id": request_id})
-                error = InternalError(f"Internal server error (request id {request_id})")
-                for event in events.error(error):
-                    await send.send(event)
-                return
-            for event in events.finish():
+            account(app_state, streams)
+            for event in events.done():
                 await send.send(event)
-        account(app_state, streams)
-        for event in events.done():
-            await send.send(event)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.debug("the client went away while streaming", extra={"request_id": request_id})
 
 
 async def with_keepalive(stream: CompletionStream, send: trio.MemorySendChannel, interval: float, keepalive: bytes | None):

@@ -289,9 +289,15 @@ class ModelStatus(Struct, kw_only=True):
     engine: str
     task: str
     state: Literal["unprepared", "preparing", "ready", "error"]
+    """How far preparing the model's files got (download, verification, conversion)."""
     error: str | None
+    """Why preparing failed."""
     location: str | None
+    """The model's file: its name, or its path with ``http.expose_paths``."""
     downloads: list[DownloadStatus]
+    start_error: str | None = None
+    """For a model the server must have ready at start: why its last load failed, while no
+    instance of it is ready (the server is then not ready)."""
 
 
 class Progress(Struct, kw_only=True):
@@ -324,8 +330,11 @@ class InstanceStatus(Struct, kw_only=True):
 
 
 class Health(Struct, kw_only=True):
-    status: Literal["ok", "loading", "starting"]
-    """`loading`: models that must be ready at start are still loading; `starting`: the pool is not up yet."""
+    status: Literal["ok", "loading", "starting", "failed"]
+    """`loading`: models that must be ready at start are still loading; `starting`: the pool is
+    not up yet; `failed`: loading or preparing one of them failed (`errors` says why; loads are retried)."""
+    errors: dict[str, str] | UnsetType = UNSET
+    """With `failed`: the error of each model that failed, by model id."""
 
 
 class ServerStatus(Struct, kw_only=True):
@@ -593,7 +602,7 @@ def openapi_document() -> dict[str, Any]:
                 "security": [],
                 "responses": {
                     "200": _json(Health, "Ready: the models that must be loaded at start are."),
-                    "503": _json(Health, "Not ready yet: the server is starting or loading models."),
+                    "503": _json(Health, "Not ready: the server is starting or loading models, or a model it must start with failed."),
                 },
             }
         },

@@ -3,7 +3,8 @@
 It serves the files under ``root`` (``add_hf`` lays them out as Hugging Face does:
 ``/<org>/<repo>/resolve/<revision>/<path>``), answers ``Range: bytes=N-`` with 206
 (unless ``ignore_range``), can cut the first GET of a path after some bytes, can
-limit its speed, and records every request it gets.
+limit its speed, can leave out ``Content-Length`` (``omit_length``: the body then ends
+when the connection closes), and records every request it gets.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class FileServer:
         self.rate: float | None = None
         """Bytes per second per response; None: as fast as possible."""
         self.ignore_range = False
+        self.omit_length = False
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.owner = self
@@ -121,7 +123,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(content) - start))
+        if owner.omit_length:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(content) - start))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         if send_body:

@@ -1,4 +1,5 @@
-"""Validate bodies against OpenAI's own API description (/work/shared/openai/openapi.json).
+"""Validate bodies against OpenAI's own API description (tests/openai_openapi/openapi.json,
+the schemas the tests use, from openai/openai-openapi; see the README there).
 
 The document is loaded once. Its OpenAPI 3.0 leftovers (``nullable: true``) become
 ``anyOf: [schema, {"type": "null"}]``, which a JSON Schema validator understands.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import os
 import struct
 from functools import cache
 from pathlib import Path
@@ -21,10 +21,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-# shared/ lies beside the repository (in CI too); OPENAI_OPENAPI may point elsewhere
-OPENAPI = Path(
-    os.environ.get("OPENAI_OPENAPI", Path(__file__).resolve().parents[3] / "shared" / "openai" / "openapi.json")
-)
+OPENAPI = Path(__file__).resolve().parents[1] / "openai_openapi" / "openapi.json"
 URI = "urn:openai"
 
 

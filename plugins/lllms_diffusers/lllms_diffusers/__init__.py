@@ -20,9 +20,7 @@ import msgspec
 import trio
 from msgspec import Meta
 
-from lllms_core.engine import Device, Engine, EngineInstance
-from lllms_core.errors import ModelLoadError
-from lllms_core.hookspecs import hookimpl
+from lllms_core.plugin_api import Device, Engine, EngineInstance, ModelLoadError, hookimpl
 
 
 class DiffusersOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

@@ -19,9 +19,14 @@ from typing import Any
 import torch
 import trio
 
-from lllms_core.engine import Device
-from lllms_core.errors import InvalidRequestError, ModelLoadError, UnsupportedParameterError
-from lllms_core.schemas import ImageGenerationRequest, ImageGenerationResult
+from lllms_core.plugin_api import (
+    Device,
+    ImageGenerationRequest,
+    ImageGenerationResult,
+    InvalidRequestError,
+    ModelLoadError,
+    UnsupportedParameterError,
+)
 
 log = logging.getLogger("lllms.diffusers")
 

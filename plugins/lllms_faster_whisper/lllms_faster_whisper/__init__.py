@@ -20,9 +20,13 @@ from typing import Annotated
 import msgspec
 import trio
 
-from lllms_core.engine import Device, Engine, EngineInstance
-from lllms_core.errors import ModelLoadError
-from lllms_core.hookspecs import hookimpl
+from lllms_core.plugin_api import (
+    Device,
+    Engine,
+    EngineInstance,
+    hookimpl,
+    ModelLoadError,
+)
 
 MODEL_FILES = ("model.bin", "config.json")
 

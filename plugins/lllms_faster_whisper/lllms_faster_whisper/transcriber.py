@@ -8,11 +8,11 @@ import trio
 from faster_whisper import WhisperModel
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-from lllms_core.audio import DecodedAudio
-from lllms_core.engine import ChunkSink
-from lllms_core.errors import InvalidRequestError
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
+    ChunkSink,
     CompletionChunk,
+    DecodedAudio,
+    InvalidRequestError,
     TranscriptionRequest,
     TranscriptionResult,
     TranscriptionSegment,

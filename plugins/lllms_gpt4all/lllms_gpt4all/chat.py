@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import msgspec
 
-from lllms_core.errors import InvalidRequestError
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     AssistantMessage,
     ChatMessage,
     DeveloperMessage,
+    InvalidRequestError,
     SystemMessage,
     TextPart,
     UserMessage,

@@ -20,7 +20,7 @@ from pathlib import Path
 import filelock
 import msgspec
 
-from lllms_core.errors import ModelLoadError
+from lllms_core.plugin_api import ModelLoadError
 
 log = logging.getLogger("lllms.gpt4all")
 

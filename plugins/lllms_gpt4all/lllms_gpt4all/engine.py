@@ -19,17 +19,25 @@ import msgspec
 import trio
 from msgspec import Meta
 
-from lllms_core.config import ModelConfig, default_cache_dir
-from lllms_core.engine import ChunkSink, Device, Engine, EngineInstance, StopStringFilter, TaskContext, normalize_embedding
-from lllms_core.errors import InvalidRequestError, ModelLoadError
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     ChatCompletionRequest,
+    ChunkSink,
     CompletionChunk,
     CompletionResult,
+    Device,
     EmbeddingRequest,
     EmbeddingResult,
+    Engine,
+    EngineInstance,
+    InvalidRequestError,
+    ModelConfig,
+    ModelLoadError,
+    StopStringFilter,
+    TaskContext,
     TextCompletionRequest,
     Usage,
+    default_cache_dir,
+    normalize_embedding,
 )
 
 from lllms_gpt4all.chat import CHAT_FORMATS, ChatFormat, Turn, detect_chat_format, turns

@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 from gpt4all import _pyllmodel
 from gpt4all._pyllmodel import LLModel, LLModelPromptContext, PromptCallback, ResponseCallback, llmodel
 
-from lllms_core.errors import ContextLengthExceededError, ModelLoadError
+from lllms_core.plugin_api import ContextLengthExceededError, ModelLoadError
 
 log = logging.getLogger("lllms.gpt4all")
 

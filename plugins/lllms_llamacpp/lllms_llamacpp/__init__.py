@@ -4,7 +4,7 @@ Importing this package does not import llama_cpp: the engine loads it when it
 creates an instance, so ``lllms --help`` stays fast.
 """
 
-from lllms_core.hookspecs import hookimpl
+from lllms_core.plugin_api import hookimpl
 
 from lllms_llamacpp.engine import LlamaCppEngine, LlamaCppOptions
 

@@ -17,11 +17,12 @@ from typing import Any
 
 import msgspec
 
-from lllms_core.errors import InvalidRequestError, ModelLoadError
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     AssistantMessage,
     ChatMessage,
     DeveloperMessage,
+    InvalidRequestError,
+    ModelLoadError,
     SystemMessage,
     Tool,
     ToolCallDelta,

@@ -19,29 +19,37 @@ import msgspec
 import trio
 from msgspec import Meta
 
-from lllms_core.context import common_prefix
-from lllms_core.engine import ChunkSink, Device, Engine, EngineInstance, TaskContext, normalize_embedding
-from lllms_core.errors import ContextLengthExceededError, EngineError, InvalidRequestError, ModelLoadError
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     ChatCompletionRequest,
+    ChunkSink,
     CompletionChunk,
     CompletionResult,
+    ContextLengthExceededError,
     DetokenizeRequest,
     DetokenizeResult,
+    Device,
     EmbeddingRequest,
     EmbeddingResult,
+    Engine,
+    EngineError,
+    EngineInstance,
+    InvalidRequestError,
+    ModelLoadError,
     NamedToolChoice,
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
+    TaskContext,
     TextCompletionRequest,
     TokenizeRequest,
     TokenizeResult,
     Usage,
+    common_prefix,
     message_text,
+    normalize_embedding,
 )
 
 if TYPE_CHECKING:
-    from lllms_core.config import ModelConfig
+    from lllms_core.plugin_api import ModelConfig
 
     from lllms_llamacpp.chat import ChatTemplate
     from lllms_llamacpp.native import Context, Model, SamplingParams

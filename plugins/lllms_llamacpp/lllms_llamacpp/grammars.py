@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from lllms_core.errors import InvalidRequestError
+from lllms_core.plugin_api import InvalidRequestError
 
 from lllms_llamacpp.chat import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 

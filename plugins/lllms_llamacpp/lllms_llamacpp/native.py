@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
-from lllms_core.errors import InvalidRequestError, ModelLoadError
+from lllms_core.plugin_api import InvalidRequestError, ModelLoadError
 
 log = logging.getLogger("lllms.llamacpp")
 

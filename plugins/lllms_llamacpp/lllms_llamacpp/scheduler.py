@@ -24,10 +24,14 @@ from typing import Any
 
 import trio
 
-from lllms_core.context import common_prefix
-from lllms_core.engine import StopStringFilter
-from lllms_core.errors import EngineError, LllmsError
-from lllms_core.schemas import TokenLogprob, TopLogprob
+from lllms_core.plugin_api import (
+    EngineError,
+    LllmsError,
+    StopStringFilter,
+    TokenLogprob,
+    TopLogprob,
+    common_prefix,
+)
 
 from lllms_llamacpp.native import Context, Model, Sampler, log_softmax
 

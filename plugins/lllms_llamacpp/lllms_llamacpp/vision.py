@@ -22,7 +22,7 @@ import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 
-from lllms_core.errors import EngineError, InvalidRequestError, ModelLoadError
+from lllms_core.plugin_api import EngineError, InvalidRequestError, ModelLoadError
 from lllms_llamacpp.native import Context, Model, _log_callback, native_error_reason
 
 log = logging.getLogger("lllms.llamacpp")
@@ -178,8 +178,8 @@ async def prompt_images(instance, context, request) -> PromptImages | None:
     None without images."""
     import trio
 
-    from lllms_core.errors import UnsupportedParameterError
-    from lllms_core.images import chat_image_sources
+    from lllms_core.plugin_api import UnsupportedParameterError
+    from lllms_core.plugin_api import chat_image_sources
 
     sources = [url for url, _ in chat_image_sources(request)]
     if not sources:

@@ -59,6 +59,18 @@ async def test_openai_client_chat_stream_tools_and_completions(smollm2_file):
             completion = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=3, temperature=0)
             assert "Paris" in completion.choices[0].text
 
+            # with echo, the offsets of the generated tokens count the echoed prompt
+            prompt = "The capital of France is"
+            echoed = client.completions.create(model="smol", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1)
+            logprobs = echoed.choices[0].logprobs
+            assert echoed.choices[0].text == prompt + "".join(logprobs.tokens)
+            expected = [len(prompt) + len("".join(logprobs.tokens[:i])) for i in range(3)]
+            assert logprobs.text_offset == expected and expected[0] == 24
+            streamed = client.completions.create(
+                model="smol", prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=1, stream=True
+            )
+            assert [o for chunk in streamed for o in (chunk.choices[0].logprobs.text_offset if chunk.choices[0].logprobs else [])] == expected
+
             try:
                 client.chat.completions.create(
                     model="smol", messages=[{"role": "user", "content": "hi"}], extra_body={"grammar": "root ::= ("}

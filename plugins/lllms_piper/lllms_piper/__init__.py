@@ -16,10 +16,14 @@ from typing import Annotated
 import msgspec
 import trio
 
-from lllms_core.engine import Device, Engine, EngineInstance
-from lllms_core.errors import ModelLoadError
-from lllms_core.hookspecs import hookimpl
-from lllms_core.store import source_fields
+from lllms_core.plugin_api import (
+    Device,
+    Engine,
+    EngineInstance,
+    hookimpl,
+    ModelLoadError,
+    source_fields,
+)
 
 
 class PiperOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

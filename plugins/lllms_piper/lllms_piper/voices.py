@@ -9,9 +9,13 @@ from pathlib import Path
 import numpy as np
 from piper import PiperVoice, SynthesisConfig
 
-from lllms_core.engine import ChunkSink
-from lllms_core.errors import InvalidRequestError
-from lllms_core.schemas import AudioChunk, SpeechRequest, SpeechResult
+from lllms_core.plugin_api import (
+    AudioChunk,
+    ChunkSink,
+    InvalidRequestError,
+    SpeechRequest,
+    SpeechResult,
+)
 
 ESPEAK = threading.Lock()
 """Piper phonemizes with espeak-ng, a library with one global state: one text at a time,

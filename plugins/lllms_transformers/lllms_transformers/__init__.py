@@ -20,10 +20,16 @@ from typing import Literal
 import msgspec
 import trio
 
-from lllms_core.engine import Device, Engine, EngineInstance
-from lllms_core.errors import InvalidRequestError, ModelLoadError
-from lllms_core.hookspecs import hookimpl
-from lllms_core.schemas import DetokenizeResult, TokenizeResult
+from lllms_core.plugin_api import (
+    DetokenizeResult,
+    Device,
+    Engine,
+    EngineInstance,
+    InvalidRequestError,
+    ModelLoadError,
+    TokenizeResult,
+    hookimpl,
+)
 
 
 class TransformersOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -78,7 +84,7 @@ class TransformersEngine(Engine):
     def _cache_dir(self) -> Path:
         if self.store is not None:
             return Path(self.store.cache_dir)
-        from lllms_core.config import default_cache_dir
+        from lllms_core.plugin_api import default_cache_dir
 
         return default_cache_dir()
 
@@ -149,7 +155,7 @@ def _tokenize(loaded, request) -> TokenizeResult:
     if request.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model has no chat template", param="messages")
-        from lllms_core.schemas import message_text
+        from lllms_core.plugin_api import message_text
 
         turns = [{"role": type(m).__struct_config__.tag, "content": message_text(m)} for m in request.messages]
         tools = [msgspec.to_builtins(tool) for tool in request.tools] if request.tools else None

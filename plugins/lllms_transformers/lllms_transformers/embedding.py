@@ -12,9 +12,16 @@ from pathlib import Path
 
 import torch
 
-from lllms_core.errors import InvalidRequestError, ModelLoadError, UnsupportedParameterError
-from lllms_core.images import RequestImages, is_image_data_url
-from lllms_core.schemas import EmbeddingRequest, EmbeddingResult
+from lllms_core.plugin_api import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    InvalidRequestError,
+    ModelLoadError,
+    RequestImages,
+    UnsupportedParameterError,
+    is_image_data_url,
+    check_token_ids,
+)
 
 BATCH = 32
 """Inputs embedded in one forward pass."""
@@ -104,6 +111,9 @@ class Embedder:
         if all(isinstance(item, str) for item in items):
             batch = self.tokenizer(items, padding=True, return_tensors="pt", **truncate)
         else:
+            for item in items:
+                if not isinstance(item, str):
+                    check_token_ids(item, self.model.config.vocab_size, "input")
             ids = [self.tokenizer(item)["input_ids"] if isinstance(item, str) else list(item) for item in items]
             if self.max_length:
                 ids = [row[: self.max_length] for row in ids]

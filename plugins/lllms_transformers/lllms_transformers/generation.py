@@ -39,17 +39,16 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from lllms_core.context import common_prefix
-from lllms_core.engine import StopStringFilter
-from lllms_core.errors import ContextLengthExceededError, InvalidRequestError
-from lllms_core.samplers import requested_logits_processors
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     AssistantMessage,
     ChatCompletionRequest,
     CompletionChunk,
     CompletionResult,
+    ContextLengthExceededError,
     DeveloperMessage,
+    InvalidRequestError,
     RefusalPart,
+    StopStringFilter,
     SystemMessage,
     TextCompletionRequest,
     TextPart,
@@ -59,7 +58,10 @@ from lllms_core.schemas import (
     TopLogprob,
     Usage,
     UserMessage,
+    check_token_ids,
+    common_prefix,
     message_text,
+    requested_logits_processors,
 )
 from lllms_transformers import structured, vision
 
@@ -81,6 +83,8 @@ class TextGenerator:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.stop_token_ids = eos
+        self.start_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos[0]
+        """What a text starts with: the model's BOS token, else its first end-of-text token."""
         pad = model.generation_config.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
         self.template = (getattr(processor, "chat_template", None) if processor else None) or tokenizer.chat_template or ""
@@ -594,12 +598,17 @@ async def text_completion(engine, context, request: TextCompletionRequest, sink)
     tokenizer = generator.tokenizer
     sampling = _sampling(engine, request, generator, request.logprobs)
 
+    def tokens_of(prompt: str | list[int]) -> tuple[list[int], str]:
+        if isinstance(prompt, str):
+            tokens = tokenizer(prompt)["input_ids"]
+            # an empty prompt starts from the beginning of a text, as llama.cpp's does
+            return tokens or [generator.start_token_id], prompt
+        check_token_ids(prompt, generator.model.config.vocab_size, "prompt")
+        return list(prompt), tokenizer.decode(prompt)
+
     def prepare() -> tuple[list[tuple[list[int], str]], Any]:
         # in the instance's thread: the tokenizer is not shared between threads
-        prompts = [
-            (tokenizer(prompt)["input_ids"], prompt) if isinstance(prompt, str) else (list(prompt), tokenizer.decode(prompt))
-            for prompt in request.prompts
-        ]
+        prompts = [tokens_of(prompt) for prompt in request.prompts]
         return prompts, generator.grammars.for_grammar(request.grammar) if request.grammar else None
 
     prompts, grammar = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import filelock
 
-from lllms_core.engine import Device
-from lllms_core.errors import ModelLoadError
+from lllms_core.plugin_api import Device, ModelLoadError
 
 log = logging.getLogger("lllms.transformers")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lllms_core.schemas import RerankRequest, RerankResult
+from lllms_core.plugin_api import RerankRequest, RerankResult
 
 BATCH = 16
 """Pairs scored in one forward pass."""

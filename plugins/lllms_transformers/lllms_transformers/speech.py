@@ -14,9 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lllms_core.audio import DecodedAudio
-from lllms_core.errors import InvalidRequestError
-from lllms_core.schemas import TranscriptionRequest, TranscriptionResult, TranscriptionSegment
+from lllms_core.plugin_api import (
+    DecodedAudio,
+    InvalidRequestError,
+    TranscriptionRequest,
+    TranscriptionResult,
+    TranscriptionSegment,
+)
 
 SAMPLE_RATE = 16000
 WINDOW = 30 * SAMPLE_RATE

@@ -31,13 +31,13 @@ from xgrammar.structural_tag import (
     TriggeredTagsFormat,
 )
 
-from lllms_core.engine import StopStringFilter
-from lllms_core.errors import InvalidRequestError
-from lllms_core.schemas import (
+from lllms_core.plugin_api import (
     ChatCompletionRequest,
+    InvalidRequestError,
     NamedToolChoice,
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
+    StopStringFilter,
     Tool,
     ToolCall,
     ToolCallDelta,

