@@ -117,6 +117,8 @@ class ModelConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_d
     ttl: Seconds = 300
     """Seconds an idle instance lives; 0 disposes it on release."""
     context_size: Annotated[int, Meta(ge=16)] | None = None
+    context_overflow: Literal["drop_oldest", "error"] = "drop_oldest"
+    """A prompt too long for the context: drop the oldest turns, or refuse it (see docs/chat.md)."""
     initial_messages: list[ChatMessageConfig] = []
     prefix: str | None = None
     completion_defaults: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import msgspec
 import trio
 
+from lllms_core.chat.markers import StopStringFilter  # noqa: F401  (engines imported it from here)
 from lllms_core.errors import InvalidRequestError, UnsupportedParameterError
 from lllms_core.images import Image, RequestImages
 
@@ -127,6 +128,8 @@ class TaskContext(msgspec.Struct, kw_only=True):
     ``async with context.models.stream_chat_completion(...) as stream``. Its requests are part
     of this task: they are cancelled with it and wait for their model's slot, but they do not
     wait for the server's concurrency limit or count against its queue, which this task passed."""
+    checked: Any = None
+    """What the engine's :meth:`Engine.check_request` returned for this request (None without one)."""
 
     def image(self, source: str | bytes) -> Image:
         """The decoded image of a source in the request: an ``image_url`` part's URL, an
@@ -219,6 +222,14 @@ class Engine:
     async def dispose_instance(self, instance: EngineInstance) -> None:
         """Free what ``create_instance`` loaded. Called once per instance, also on cancellation."""
 
+    def check_request(self, model: "ModelConfig", request: Any) -> Any:
+        """Check a request before it is queued; optional. Runs in a worker thread, without an
+        instance. Raise an :class:`~lllms_core.errors.LllmsError` (e.g. a 400) for what the
+        engine will refuse, so that a streamed request gets it as its HTTP status rather than
+        as an error event after a 200. What it returns reaches the task method as
+        ``context.checked``, so work done here (a parsed grammar) is not done again."""
+        return None
+
     async def preload(self, context: TaskContext) -> None:
         """Evaluate the model's ``initial_messages`` / ``prefix`` into a slot, so that requests
         starting with them reuse that state. Optional."""
@@ -294,50 +305,6 @@ class Engine:
         return UnsupportedParameterError(
             f"engine {self.name!r} does not support {what or repr(param)}", param=param
         )
-
-
-class StopStringFilter:
-    """Holds back text that may be the start of a stop string, so stop strings are
-    never emitted, also when they span several tokens.
-
-    ``push(text)`` returns ``(text_to_emit, stopped)``; after a stop, generation ends.
-    ``flush()`` returns what was held back when generation ends without a stop.
-    ``matched`` is the stop string found, once one is.
-    """
-
-    def __init__(self, stops: list[str]):
-        self.stops = [stop for stop in stops if stop]
-        self.hold = max((len(stop) for stop in self.stops), default=1) - 1
-        self.pending = ""
-        self.matched: str | None = None
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        earliest = math.inf
-        for stop in self.stops:
-            position = self.pending.find(stop)
-            if position != -1 and position < earliest:
-                earliest, self.matched = position, stop
-        if earliest != math.inf:
-            emitted = self.pending[: int(earliest)]
-            self.pending = ""
-            return emitted, True
-        # keep the longest tail that is a prefix of some stop string
-        keep = 0
-        for stop in self.stops:
-            for length in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:length]):
-                    keep = max(keep, length)
-                    break
-        emitted = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return emitted, False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
 
 
 def check_token_ids(tokens: list[int], vocabulary_size: int, param: str) -> None:

@@ -419,13 +419,24 @@ class ModelServer:
         timeout = self.config.server.request_timeout
         return trio.fail_after(timeout) if timeout else nullcontext()
 
+    @staticmethod
+    async def _check(engine: Engine, model, request: Any) -> Any:
+        """The engine's check of a request (in a thread), before it is queued."""
+        if type(engine).check_request is Engine.check_request:
+            return None
+        return await trio.to_thread.run_sync(engine.check_request, model, request)
+
     def _timed_out(self) -> RequestTimeoutError:
         return RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s")
 
-    def _task_context(self, slot, callers: tuple[str, ...], audio=None, images: RequestImages | None = None) -> TaskContext:
+    def _task_context(
+        self, slot, callers: tuple[str, ...], audio=None, images: RequestImages | None = None, checked: Any = None
+    ) -> TaskContext:
         context = slot.task_context()
         models = ModelCalls(self, (*callers, context.model.id))
-        return msgspec.structs.replace(context, models=models, audio=audio, images=images or RequestImages())
+        return msgspec.structs.replace(
+            context, models=models, audio=audio, images=images or RequestImages(), checked=checked
+        )
 
     async def _decoded(self, engine: Engine, request: TranscriptionRequest):
         """The request's audio, decoded for the engine (before it waits for a slot)."""
@@ -465,6 +476,7 @@ class ModelServer:
     @asynccontextmanager
     async def _stream(self, task_name: str, request: Any, key_of, callers: tuple[str, ...]) -> AsyncIterator[CompletionStream]:
         model, engine, task, request = self._resolve(task_name, request, callers)
+        checked = await self._check(engine, model, request)
         assert self.pool is not None
         images = await self._images(task, request)
         lease = self.pool.acquire(model.id, key_of(request), nested=bool(callers))
@@ -477,7 +489,7 @@ class ModelServer:
             separator = self._reasoning_separator(slot, request)
             if separator is not None:
                 push = lambda chunk: stream._push(separator.split(chunk))  # noqa: E731
-            context = self._task_context(slot, callers, images=images)
+            context = self._task_context(slot, callers, images=images, checked=checked)
             result = await getattr(engine, task.method)(context, request, ChunkSink(push))
             for chunk in separator.flush() if separator is not None else ():
                 stream._push(chunk)
@@ -540,6 +552,7 @@ class ModelServer:
         """Run a task that does not stream in a slot of its model; ``method``: another engine
         method than the task's (the core's own way of doing the task)."""
         model, engine, task, request = self._resolve(task_name, request, callers)
+        checked = await self._check(engine, model, request)
         assert self.pool is not None
         run = getattr(self, method) if method else getattr(engine, task.method)
         images = await self._images(task, request)
@@ -548,7 +561,7 @@ class ModelServer:
             with self._deadline():
                 async with self.pool.acquire(model.id, nested=bool(callers)) as slot:
                     keep_alive(slot, request)
-                    return await run(self._task_context(slot, callers, audio, images), request)
+                    return await run(self._task_context(slot, callers, audio, images, checked), request)
         except trio.TooSlowError:
             raise self._timed_out() from None
         except LllmsError:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
@@ -174,3 +175,36 @@ def built_once(name: str, build, marker: str) -> Path:
                 shutil.rmtree(directory, ignore_errors=True)
                 os.replace(work, directory)
     return directory
+
+
+def health_during(base_url: str, work: Callable[[], T], interval: float = 0.05) -> tuple[T, list[float]]:
+    """Run ``work()`` (blocking calls to the server at ``base_url``) in a thread while
+    asking ``/health`` every ``interval`` seconds; return its result and how long each
+    answer took, in seconds. A server whose event loop is blocked (by tokenizing or
+    rendering on it) answers late."""
+    import httpx
+
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as error:
+            outcome["error"] = error
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run, name="health-during-work", daemon=True)
+    thread.start()
+    latencies: list[float] = []
+    with httpx.Client(timeout=300) as client:
+        while not done.is_set():
+            started = time.perf_counter()
+            client.get(base_url + "/health")
+            latencies.append(time.perf_counter() - started)
+            done.wait(interval)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"], latencies

@@ -4,6 +4,7 @@ gpt4all 2.8.2 does not run a GGUF's Jinja chat template. A chat format here is o
 template per role, each with ``%1`` where the message's text goes; the format is
 recognised from the GGUF's template or named in the model's options. Template text
 is evaluated with special tokens, message text without (a user cannot inject them).
+Messages become turns by the core's message policy (:mod:`lllms_core.chat.messages`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,9 @@ from __future__ import annotations
 import msgspec
 
 from lllms_core.plugin_api import (
-    AssistantMessage,
     ChatMessage,
-    DeveloperMessage,
-    InvalidRequestError,
-    SystemMessage,
-    TextPart,
-    UserMessage,
-    message_text,
+    ToolSetup,
+    template_messages,
 )
 
 Turn = tuple[str, str]
@@ -80,25 +76,9 @@ def detect_chat_format(jinja_template: str | None) -> str | None:
     )
 
 
-def turns(messages: list[ChatMessage]) -> list[Turn]:
-    """The messages as (role, text); system and developer messages are system turns.
-    Refuses what this engine cannot evaluate (tool messages, images, audio)."""
-    result = []
-    for index, message in enumerate(messages):
-        if isinstance(message, (SystemMessage, DeveloperMessage)):
-            role = "system"
-        elif isinstance(message, UserMessage):
-            role = "user"
-            if not isinstance(message.content, str) and not all(isinstance(p, TextPart) for p in message.content):
-                raise InvalidRequestError(
-                    "engine 'gpt4all' reads text only; this message has other content",
-                    param=f"messages[{index}].content",
-                )
-        elif isinstance(message, AssistantMessage):
-            role = "assistant"
-        else:
-            raise InvalidRequestError(
-                "engine 'gpt4all' does not do tool calls, so it has no tool messages", param=f"messages[{index}]"
-            )
-        result.append((role, message_text(message)))
-    return result
+def turns(messages: list[ChatMessage], tools: ToolSetup | None, prefill: bool = True) -> tuple[list[Turn], str | None]:
+    """The messages as (role, text) turns by the core's message policy (gpt4all runs no
+    Jinja template: tools are described in the system turn, past calls written as the
+    model writes them, tool results given as user turns), and the assistant prefill."""
+    rendered, continued = template_messages(messages, tools=tools, prefill=prefill)
+    return [(turn["role"], turn["content"]) for turn in rendered], continued

@@ -22,8 +22,9 @@ from msgspec import Meta
 from lllms_core.plugin_api import (
     ChatCompletionRequest,
     ChunkSink,
-    CompletionChunk,
+    CompletionOutput,
     CompletionResult,
+    ContextBudget,
     Device,
     EmbeddingRequest,
     EmbeddingResult,
@@ -32,12 +33,16 @@ from lllms_core.plugin_api import (
     InvalidRequestError,
     ModelConfig,
     ModelLoadError,
-    StopStringFilter,
+    PromptTooLong,
     TaskContext,
     TextCompletionRequest,
     Usage,
+    config_messages,
     default_cache_dir,
+    fit_messages,
     normalize_embedding,
+    tool_format_for,
+    tool_setup,
 )
 
 from lllms_gpt4all.chat import CHAT_FORMATS, ChatFormat, Turn, detect_chat_format, turns
@@ -77,6 +82,8 @@ class PreparedModel(msgspec.Struct, kw_only=True):
     embedding: bool
     chat_format: ChatFormat | None
     trained_context: int | None
+    chat_template: str | None = None
+    """The GGUF's Jinja chat template: it shows the model's tool-call format."""
 
 
 class ChatState(msgspec.Struct):
@@ -107,6 +114,8 @@ class Gpt4AllInstance(EngineInstance):
     native: Any
     """The loaded :class:`lllms_gpt4all.native.NativeModel`."""
     chat_format: ChatFormat | None
+    tool_format: Any
+    """The tool-call format the model writes (:func:`lllms_core.chat.tool_format_for` its template)."""
     context_size: int
 
     def info(self) -> dict[str, Any]:
@@ -136,54 +145,64 @@ def native_device(device: Device) -> tuple[str, str | None]:
 
 
 class Generation:
-    """One request's callbacks from gpt4all's thread: counts tokens, holds back stop
-    strings and sends chunks. Both raise ``trio.Cancelled`` once the request is
-    cancelled, which stops gpt4all (see :meth:`NativeModel.prompt`)."""
+    """One request's callbacks from gpt4all's thread: counts tokens, passes the text through
+    the core's output (stop strings, tool calls) and sends chunks. Both raise
+    ``trio.Cancelled`` once the request is cancelled, which stops gpt4all (see
+    :meth:`NativeModel.prompt`); ``on_prompt_token`` raises :class:`PromptTooLong` once the
+    prompt has more than ``limit`` tokens (``cached`` of them kept from the slot)."""
 
-    def __init__(self, sink: ChunkSink | None = None, stops: list[str] = (), max_tokens: int = 0):
+    def __init__(
+        self, sink: ChunkSink | None = None, output: CompletionOutput | None = None, max_tokens: int = 0,
+        limit: int | None = None, cached: int = 0,
+    ):
         self.sink = sink
-        self.filter = StopStringFilter(list(stops))
+        self.output = output or CompletionOutput()
         self.max_tokens = max_tokens
+        self.limit = limit
+        self.cached = cached
         self.prompt_tokens = 0
         self.tokens = 0
         self.text = ""
         """Everything generated, stop strings included: what the context holds."""
-        self.stopped = False
+        self.ended = False
 
     def on_prompt_token(self) -> bool:
         self.prompt_tokens += 1
         trio.from_thread.check_cancelled()
+        if self.limit is not None and self.cached + self.prompt_tokens > self.limit:
+            raise PromptTooLong(self.cached + self.prompt_tokens, at_least=True)
         return True
 
     def on_token(self, text: str) -> bool:
         self.tokens += 1
         self.text += text
-        emitted, self.stopped = self.filter.push(text)
-        if emitted:
-            self._send(emitted)
-        return not self.stopped
+        piece, self.ended = self.output.push(text)
+        if piece:
+            self._send(piece)
+        return not self.ended
 
-    def _send(self, text: str) -> None:
+    def _send(self, piece) -> None:
         assert self.sink is not None
-        self.sink.send_from_thread(CompletionChunk(text=text))
+        self.sink.send_from_thread(piece.chunk())
 
     def finish(self) -> None:
-        """After generation: send what was held back as a possible stop string."""
-        if not self.stopped and (rest := self.filter.flush()):
-            self._send(rest)
+        """After generation: send what was held back (a possible stop string, a call)."""
+        if piece := self.output.flush():
+            self._send(piece)
 
-    @property
-    def finish_reason(self) -> Literal["stop", "length"]:
-        return "length" if not self.stopped and self.tokens >= self.max_tokens else "stop"
+    def finish_reason(self, context_full: bool = False) -> str:
+        cut = not self.ended and (self.tokens >= self.max_tokens or context_full)
+        return self.output.finish_reason("length" if cut else "stop")
 
-    def result(self, cached: int) -> CompletionResult:
-        """The task's result, ``cached`` prompt tokens having been reused from the slot."""
+    def result(self, context_full: bool = False) -> CompletionResult:
+        """The task's result (``cached`` prompt tokens were reused from the slot)."""
         return CompletionResult(
-            finish_reasons=[self.finish_reason],
+            finish_reasons=[self.finish_reason(context_full)],
+            stop_sequences=[self.output.stop_sequence],
             usage=Usage(
-                prompt_tokens=cached + self.prompt_tokens,
+                prompt_tokens=self.cached + self.prompt_tokens,
                 completion_tokens=self.tokens,
-                cached_tokens=cached,
+                cached_tokens=self.cached,
             ),
         )
 
@@ -197,7 +216,7 @@ class Gpt4AllEngine(Engine):
     tasks = frozenset({"chat-completion", "text-completion", "embedding"})
     default_task = "chat-completion"
     options = Gpt4AllOptions
-    capabilities = frozenset({"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_window"})
+    capabilities = frozenset({"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_window", "tools"})
 
     # --- models and instances -------------------------------------------------
 
@@ -223,6 +242,7 @@ class Gpt4AllEngine(Engine):
             embedding=embedding,
             chat_format=self._chat_format(model, location, facts.chat_template),
             trained_context=facts.trained_context,
+            chat_template=facts.chat_template,
         )
 
     @staticmethod
@@ -274,7 +294,8 @@ class Gpt4AllEngine(Engine):
             log.info("model %r: no usable GPU (%s); loading it on the CPU", model.id, error.message)
             native = await trio.to_thread.run_sync(load, msgspec.structs.replace(device, gpu=False))
         log.info("model %r loaded by gpt4all on %s", model.id, native.device or native.backend)
-        return Gpt4AllInstance(native=native, chat_format=prepared.chat_format, context_size=context_size)
+        return Gpt4AllInstance(native=native, chat_format=prepared.chat_format, context_size=context_size,
+                               tool_format=tool_format_for(prepared.chat_template), chat_template=prepared.chat_template)
 
     async def dispose_instance(self, instance: Gpt4AllInstance) -> None:
         # through the limiter: never while a generation still runs in its thread
@@ -290,9 +311,10 @@ class Gpt4AllEngine(Engine):
             native.reset()
             if model.initial_messages and chat_format is not None:
                 state = ChatState([], [])
-                for message in model.initial_messages:
-                    native.prompt(message.content, chat_format.template(message.role), special=False, on_prompt_token=_always)
-                    state.turns.append((message.role, message.content))
+                history, _ = turns(config_messages(model.initial_messages), None, prefill=False)
+                for role, text in history:
+                    native.prompt(text, chat_format.template(role), special=False, on_prompt_token=_always)
+                    state.turns.append((role, text))
                     state.ends.append(native.n_past)
                 return state
             native.prompt(model.prefix or "", "%1%2", special=True, on_prompt_token=_always)
@@ -324,55 +346,73 @@ class Gpt4AllEngine(Engine):
     async def chat_completion(
         self, context: TaskContext, request: ChatCompletionRequest, sink: ChunkSink
     ) -> CompletionResult:
+        from lllms_gpt4all.native import PromptError
+
         instance: Gpt4AllInstance = context.instance
         chat_format = instance.chat_format
         if chat_format is None:
             raise InvalidRequestError(f"model {context.model.id!r} has no chat format; use text completions", param="model")
-        conversation = turns(request.messages)
-        if conversation[-1][0] != "user":
-            raise InvalidRequestError("the last message must be the user's", param="messages")
-        history, question = conversation[:-1], conversation[-1][1]
+        tools = tool_setup(request, instance.tool_format)
+        primer = ""
+        if tools is not None and tools.forced is not None:
+            if len(tools.forced) != 1:
+                raise self.unsupported("tool_choice", "tool_choice 'required' among several functions (no grammars)")
+            # no grammar: the answer starts with the call (and its arguments' object); the model
+            # writes the arguments, which nothing holds to the schema
+            primer = tools.format.call_text(tools.forced[0])[0] + ("{" if tools.format.json_arguments else "")
         native = instance.native
         state = instance.slot_states[context.slot]
         instance.slot_states[context.slot] = None  # unknown until this turn ends well
-        kept = state.common_turns(history) if isinstance(state, ChatState) and not context.fresh else 0
+        reusable = isinstance(state, ChatState) and not context.fresh
         max_tokens = request.token_limit or instance.context_size
-        generation = Generation(sink, request.stop_list, max_tokens)
         sampling = self._sampling(request)
+        budget = ContextBudget(instance.context_size, request.token_limit, context.model.context_overflow)
 
-        def run() -> tuple[int, ChatState | None]:
+        def attempt(messages, limit: int) -> tuple[Generation, ChatState | None]:
+            """Evaluate the conversation and answer, unless it has more than ``limit`` tokens
+            (gpt4all cannot count tokens without evaluating them)."""
+            conversation, prefill = turns(messages, tools)
+            if primer:
+                prefill = (prefill or "") + primer
+            if conversation[-1][0] != "user":
+                raise InvalidRequestError("the last message must be the user's (or an assistant prefill after it)",
+                                          param="messages")
+            history, question = conversation[:-1], conversation[-1][1]
+            kept = state.common_turns(history) if reusable else 0
             if kept:
                 native.cut_to(state.ends[kept - 1])
                 evaluated = ChatState(state.turns[:kept], state.ends[:kept])
             else:
                 native.reset()
                 evaluated = ChatState([], [])
-            cached = native.n_past
-            for role, text in history[kept:]:
-                native.prompt(text, chat_format.template(role), special=False, on_prompt_token=generation.on_prompt_token)
-                evaluated.turns.append((role, text))
-                evaluated.ends.append(native.n_past)
-            native.prompt(
-                question,
-                chat_format.reply_template(),
-                special=False,
-                on_prompt_token=generation.on_prompt_token,
-                on_token=generation.on_token,
-                max_tokens=max_tokens,
-                sampling=sampling,
-            )
+            output = CompletionOutput(request.stop_list, tools, primer=primer)
+            generation = Generation(sink, output, max_tokens, limit, native.n_past)
+            evaluate = dict(special=False, on_prompt_token=generation.on_prompt_token, context_shift=False)
+            try:
+                for role, text in history[kept:]:
+                    native.prompt(text, chat_format.template(role), **evaluate)
+                    evaluated.turns.append((role, text))
+                    evaluated.ends.append(native.n_past)
+                answer = dict(on_token=generation.on_token, max_tokens=max_tokens, sampling=sampling)
+                if prefill is None:
+                    native.prompt(question, chat_format.reply_template(), **evaluate, **answer)
+                else:  # the answer continues the prefill
+                    native.prompt(question, chat_format.reply_template(), **evaluate)
+                    native.prompt(prefill, "%1%2", **evaluate, **answer)
+            except PromptError as error:  # gpt4all refuses a message that does not fit what is left of its context
+                raise PromptTooLong(instance.context_size, at_least=True) from error
             generation.finish()
             closing = Generation()
             native.prompt(chat_format.reply_end, "%1%2", special=True, on_prompt_token=closing.on_prompt_token)
-            if native.n_past != cached + generation.prompt_tokens + generation.tokens + closing.prompt_tokens:
-                return cached, None  # the context was full and gpt4all shifted it: it no longer holds these turns
-            evaluated.turns += [("user", question), ("assistant", generation.text)]
+            if native.n_past != generation.cached + generation.prompt_tokens + generation.tokens + closing.prompt_tokens:
+                return generation, None  # the context was full: it no longer holds these turns
+            evaluated.turns += [("user", question), ("assistant", (prefill or "") + generation.text)]
             evaluated.ends += [None, native.n_past]
-            return cached, evaluated
+            return generation, evaluated
 
-        cached, evaluated = await self._run(instance, run)
+        generation, evaluated = await self._run(instance, lambda: fit_messages(request.messages, attempt, budget))
         instance.slot_states[context.slot] = evaluated
-        return generation.result(cached)
+        return generation.result(context_full=evaluated is None)
 
     async def text_completion(
         self, context: TaskContext, request: TextCompletionRequest, sink: ChunkSink
@@ -390,15 +430,17 @@ class Gpt4AllEngine(Engine):
         if not prompt and not reuse:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         max_tokens = request.token_limit or instance.context_size
-        generation = Generation(sink, request.stop_list, max_tokens)
+        generation = Generation(sink, CompletionOutput(request.stop_list), max_tokens)
         sampling = self._sampling(request)
+        # drop_oldest: gpt4all drops the oldest tokens of a full context itself
+        shift = context.model.context_overflow == "drop_oldest"
 
-        def run() -> tuple[int, bool]:
+        def run() -> bool:
             if reuse:
-                cached, remainder = native.n_past, prompt[len(state.text) :]
+                generation.cached, remainder = native.n_past, prompt[len(state.text) :]
             else:
                 native.reset()
-                cached, remainder = 0, prompt
+                remainder = prompt
             native.prompt(
                 remainder,
                 "%1%2",
@@ -407,14 +449,15 @@ class Gpt4AllEngine(Engine):
                 on_token=generation.on_token,
                 max_tokens=max_tokens,
                 sampling=sampling,
+                context_shift=shift,
             )
             generation.finish()
-            return cached, native.n_past == cached + generation.prompt_tokens + generation.tokens
+            return native.n_past == generation.cached + generation.prompt_tokens + generation.tokens
 
-        cached, intact = await self._run(instance, run)
+        intact = await self._run(instance, run)
         if intact:
             instance.slot_states[context.slot] = TextState(prompt + generation.text)
-        return generation.result(cached)
+        return generation.result(context_full=not intact)
 
     async def embedding(self, context: TaskContext, request: EmbeddingRequest) -> EmbeddingResult:
         instance: Gpt4AllInstance = context.instance

@@ -136,6 +136,7 @@ class NativeModel:
         on_token: Callable[[str], bool] | None = None,
         max_tokens: int = 0,
         sampling: dict | None = None,
+        context_shift: bool = True,
     ) -> None:
         """Evaluate ``text`` in ``template`` (gpt4all's: ``%1`` the text, ``%2`` where the
         reply goes) and generate up to ``max_tokens`` tokens after it.
@@ -144,8 +145,9 @@ class NativeModel:
         template's always does). ``on_prompt_token()`` is called per evaluated prompt token,
         ``on_token(text)`` per generated token; either stops gpt4all by returning False or
         by raising (``trio.Cancelled`` from a cancelled request): then gpt4all stops and
-        the exception is raised here once it has. Raises :class:`PromptError` when gpt4all
-        refuses the prompt."""
+        the exception is raised here once it has. ``context_shift``: when the context is full,
+        gpt4all drops its oldest tokens and goes on (else it stops, and a prompt that does not
+        fit is refused). Raises :class:`PromptError` when gpt4all refuses the prompt."""
         context = self.context
         context.n_predict = max_tokens
         for name, value in (sampling or {}).items():
@@ -153,8 +155,10 @@ class NativeModel:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         refusal: list[str] = []
         failure: list[BaseException] = []
+        evaluated = [0]
 
         def prompt_callback(token_id: int) -> bool:
+            evaluated[0] += 1
             return _guarded(failure, on_prompt_token)
 
         def response_callback(token_id: int, piece: bytes) -> bool:
@@ -170,7 +174,7 @@ class NativeModel:
             template.encode(),
             PromptCallback(prompt_callback),
             ResponseCallback(response_callback),
-            True,  # shift the context when it is full
+            context_shift,
             ctypes.byref(context),
             special,
             ctypes.c_char_p(),
@@ -179,6 +183,9 @@ class NativeModel:
             raise failure[0]
         if refusal:
             raise PromptError(refusal[0])
+        if not context_shift and not evaluated[0] and (text or template.replace("%1", "").replace("%2", "")):
+            # without shifting, gpt4all skips a prompt that does not fit (it only warns on stderr)
+            raise PromptError("the prompt does not fit in what is left of the context")
 
     def embed(self, texts: list[str], prefix: str, check: Callable[[], object]) -> tuple[list[list[float]], int]:
         """Embeddings of ``texts`` (a text longer than the context is the mean of its

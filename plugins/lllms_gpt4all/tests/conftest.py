@@ -66,6 +66,9 @@ def served(tmp_path_factory, minilm_gguf, unknown_pre_tokenizer_gguf):
                 "device": CPU,
                 "prefix": STORY_PREFIX,
             },
+            "smol-small": {"engine": "gpt4all", "url": SMOLLM_URL, "device": CPU, "context_size": 96},
+            "smol-strict": {"engine": "gpt4all", "url": SMOLLM_URL, "device": CPU, "context_size": 96,
+                            "context_overflow": "error"},
             "minilm": {
                 "engine": "gpt4all",
                 "task": "embedding",

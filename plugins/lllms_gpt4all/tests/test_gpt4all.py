@@ -121,7 +121,9 @@ def test_preloaded_prefix_is_reused(client):
     [
         ({"seed": 42}, "seed"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"tools": [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+                    {"type": "function", "function": {"name": "get_date", "parameters": {"type": "object"}}}],
+          "tool_choice": "required"}, "tool_choice"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),

@@ -9,6 +9,7 @@ instance is created.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -35,23 +36,21 @@ from lllms_core.plugin_api import (
     EngineInstance,
     InvalidRequestError,
     ModelLoadError,
-    NamedToolChoice,
-    ResponseFormatJsonObject,
-    ResponseFormatJsonSchema,
     TaskContext,
     TextCompletionRequest,
     TokenizeRequest,
     TokenizeResult,
     Usage,
     common_prefix,
-    message_text,
     normalize_embedding,
 )
 
 if TYPE_CHECKING:
     from lllms_core.plugin_api import ModelConfig
 
-    from lllms_llamacpp.chat import ChatTemplate
+    from lllms_core.plugin_api import ChatTemplate, CompletionOutput, RenderedPrompt, ToolSetup
+    from lllms_llamacpp.vision import PromptImages
+
     from lllms_llamacpp.native import Context, Model, SamplingParams
     from lllms_llamacpp.scheduler import Job, Scheduler
 
@@ -89,8 +88,6 @@ class LlamaCppOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     lora: list[LoraAdapter] = []
     grammars: dict[str, str] = {}
     """Named GBNF grammars that requests may name in ``grammar``."""
-    context_overflow: Literal["drop_oldest", "error"] = "drop_oldest"
-    """A prompt too long for the context: drop the oldest turns (text: the oldest tokens), or refuse."""
     pooling: Literal["mean", "cls", "last"] | None = None
     """Embedding pooling; default: the GGUF's pooling type, else mean."""
     chat_template: str | None = None
@@ -150,34 +147,37 @@ class LlamaCppInstance(EngineInstance):
         add_bos = model.add_bos and not (bos_text and text.startswith(bos_text))
         return model.tokenize(text, add_special=add_bos, parse_special=True)
 
-    def tokenize_chat(self, text: str, contents: list[str], starts_prompt: bool = True) -> list[int]:
-        """Tokens of a rendered chat: the template's special tokens are parsed, but text
-        from the messages (``contents``) that spells a special token stays plain text, so
-        a message cannot forge a turn. ``starts_prompt``: false for text after an image,
-        which gets no BOS."""
-        model = self.model
-        forged = [content for content in contents if self.spells_special(content)]
-        if not forged:
-            return self.tokenize_prompt(text) if starts_prompt else model.tokenize(text, add_special=False, parse_special=True)
+    def tokenize_rendered(self, prompt: "RenderedPrompt", images: "PromptImages | None" = None) -> list[int]:
+        """Tokens of a rendered chat: the template's special tokens are parsed, the client's
+        text (its plain spans) never is, so a message cannot forge a turn. With ``images``,
+        each of their markers in the text is the image's tokens."""
+        pieces = prompt.pieces()
+        image_tokens = iter(images.tokens_for(prompt.text) if images else ())
         tokens: list[int] = []
-        position = 0
-        for content in forged:
-            found = text.find(content, position)
-            if found == -1:  # a template that trims messages
-                content = content.strip()
-                found = text.find(content, position)
-            if found == -1:  # a template that rewrites messages: its text is its own
-                continue
-            tokens += self.tokenize_prompt(text[position:found]) if position == 0 and starts_prompt else model.tokenize(
-                text[position:found], add_special=False, parse_special=True
-            )
-            tokens += model.tokenize(content, add_special=False, parse_special=False)
-            position = found + len(content)
-        tokens += model.tokenize(text[position:], add_special=False, parse_special=True)
+        for number, (text, special) in enumerate(pieces):
+            for part, segment in enumerate(text.split(images.marker) if images else [text]):
+                if part:
+                    tokens += next(image_tokens)
+                if not tokens and special:
+                    tokens += self.tokenize_prompt(segment)
+                elif segment or not tokens:
+                    tokens += self.model.tokenize(segment, add_special=not tokens and self.model.add_bos, parse_special=special)
         return tokens
 
-    def spells_special(self, content: str) -> bool:
-        return any(special in content for special in self.model.special_texts)
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """The byte length of the vocabulary's longest token (its special tokens' text included)."""
+        return max(len(self.model.spell([token])) for token in range(self.model.n_vocab))
+
+    def shown_tokens(self, tool_format: Any) -> frozenset[int]:
+        """The special tokens that spell a tool format's markers (``[TOOL_CALLS]``,
+        ``<|python_tag|>``): generated, they show as their text, for the parser to see."""
+        shown = set()
+        for marker in tool_format.marker_texts:
+            tokens = self.model.tokenize(marker, add_special=False, parse_special=True)
+            if len(tokens) == 1:
+                shown.add(tokens[0])
+        return frozenset(shown)
 
     def keep_held_tokens(self, slot: int, prompt: list[int]) -> list[int]:
         """The prompt, with the tokens the slot's sequence holds wherever the prompt's text
@@ -187,8 +187,8 @@ class LlamaCppInstance(EngineInstance):
         split it otherwise than the model generated it (``"\\n\\n"`` as one token or two):
         from the first difference on, the rest of the conversation would be evaluated again.
         The held tokens spell the same text, so they are kept and only the text after them is
-        tokenized. Only for prompts whose messages spell no special token: the text after the
-        held tokens is then tokenized as :meth:`tokenize_prompt` would."""
+        tokenized. Only for prompts without plain spans (client text spelling a special
+        token): the text after the held tokens is then tokenized as :meth:`tokenize_prompt` would."""
         held = list(self.slot_states[slot].tokens)  # a snapshot: the scheduler thread owns the list
         same = common_prefix(held, prompt)
         if same == len(held):
@@ -253,7 +253,8 @@ def load_instance(
     model_config: "ModelConfig", path: str | os.PathLike, device: Device, projector: str | os.PathLike | None = None
 ) -> LlamaCppInstance:
     """Load a model and create its context (and scheduler, and multimodal projector); blocking."""
-    from lllms_llamacpp.chat import ChatTemplate
+    from lllms_core.plugin_api import ChatTemplate
+
     from lllms_llamacpp.native import Context, ContextSettings, Model
     from lllms_llamacpp.scheduler import Scheduler
 
@@ -296,8 +297,11 @@ def load_instance(
         instance.chat_template = options.chat_template or model.chat_template
         instance.template = ChatTemplate(
             options.chat_template or model.chat_template,
-            bos_token=model.piece_text(model.bos) if model.bos >= 0 else "",
-            eos_token=model.piece_text(model.eos) if model.eos >= 0 else "",
+            special_tokens=model.special_texts,
+            variables={
+                "bos_token": model.piece_text(model.bos) if model.bos >= 0 else "",
+                "eos_token": model.piece_text(model.eos) if model.eos >= 0 else "",
+            },
         )
         if projector is not None:
             from lllms_llamacpp.vision import Projector
@@ -312,6 +316,20 @@ def load_instance(
         instance.close()
         raise
     return instance
+
+
+def check_grammar(grammar: str, param: str) -> None:
+    """Parse a GBNF grammar (without a vocabulary); a 400 if it does not parse (llama.cpp
+    writes where on stderr)."""
+    import llama_cpp
+
+    from lllms_llamacpp.native import native_error_reason, quiet_llama_logs
+
+    quiet_llama_logs()
+    sampler, reason = native_error_reason(llama_cpp.llama_sampler_init_grammar, None, grammar.encode(), b"root")
+    if not sampler:
+        raise InvalidRequestError(f"the grammar is not valid GBNF: {reason or 'it does not parse'}", param=param)
+    llama_cpp.llama_sampler_free(sampler)
 
 
 class LlamaCppEngine(Engine):
@@ -359,75 +377,71 @@ class LlamaCppEngine(Engine):
 
     # --- tasks ------------------------------------------------------------------
 
+    def check_request(self, model: "ModelConfig", request: Any) -> str | None:
+        """Parse the request's grammar (or build it from its JSON schema) before it is queued,
+        so that a grammar that does not parse is a 400 also for a streamed request; the task
+        gets it as ``context.checked``."""
+        from lllms_core.plugin_api import checked_grammar
+
+        return checked_grammar(request, check_grammar, options_of(model).grammars)
+
     async def preload(self, context: TaskContext) -> None:
         instance: LlamaCppInstance = context.instance
         model = context.model
         if instance.scheduler is None:
             return
-        if model.task == "chat-completion" and model.initial_messages:
-            messages = [{"role": message.role, "content": message.content} for message in model.initial_messages]
-            text = instance.template.render(messages, tools=None, add_generation_prompt=False)
-            tokens = instance.tokenize_prompt(text)
-        elif model.prefix:
-            tokens = instance.tokenize_prompt(model.prefix)
-        else:
+
+        def tokens() -> list[int] | None:
+            if model.task == "chat-completion" and model.initial_messages:
+                from lllms_core.plugin_api import config_messages
+
+                prompt = instance.template.prompt(config_messages(model.initial_messages), add_generation_prompt=False)
+                return instance.tokenize_rendered(prompt)
+            return instance.tokenize_prompt(model.prefix) if model.prefix else None
+
+        prompt = await trio.to_thread.run_sync(tokens, limiter=instance.limiter)
+        if prompt is None:
             return
         from lllms_llamacpp.scheduler import Job
 
-        job = Job(prompt=tokens[: instance.n_ctx_seq - 1], seq=context.slot, sampler=None, max_new=0,
+        job = Job(prompt=prompt[: instance.n_ctx_seq - 1], seq=context.slot, sampler=None, max_new=0,
                   evaluate_only=True, fresh=context.fresh)
         await self._run(instance, [job], None)
 
     async def chat_completion(
         self, context: TaskContext, request: ChatCompletionRequest, sink: ChunkSink
     ) -> CompletionResult:
-        from lllms_llamacpp.chat import prepare_messages, tool_definitions
-        from lllms_llamacpp.grammars import tool_call_grammar
+        from lllms_core.plugin_api import ContextBudget, fit_chat, output_grammar, tool_setup
 
         instance = self._generator(context)
-        options = instance.options
         template = instance.template
-        use_tools = bool(request.tools) and request.tool_choice != "none"
-        tools = tool_definitions(request.tools) if use_tools else None
-        grammar = self._grammar(request, options)
-        if use_tools and (request.tool_choice == "required" or isinstance(request.tool_choice, NamedToolChoice)):
-            if grammar is not None:
-                raise InvalidRequestError("a forced tool call cannot be combined with grammar or response_format",
-                                          param="tool_choice")
-            functions = [tool.function for tool in request.tools]
-            if isinstance(request.tool_choice, NamedToolChoice):
-                functions = [f for f in functions if f.name == request.tool_choice.function.name]
-                if not functions:
-                    raise InvalidRequestError(
-                        f"tool_choice names the function {request.tool_choice.function.name!r}, which is not in tools",
-                        param="tool_choice",
-                    )
-            grammar = tool_call_grammar(
-                [(f.name, f.parameters if f.parameters is not msgspec.UNSET else {}) for f in functions],
-                parallel=request.parallel_tool_calls is not False and not isinstance(request.tool_choice, NamedToolChoice),
-            )
+
+        def prepare() -> list["Job"]:
+            # in a worker thread: rendering, tokenizing (again while fitting), grammars and
+            # samplers take long for long prompts, and the scheduler thread only decodes
+            tools = tool_setup(request, template.tool_format)
+            if tools is not None and tools.forced is not None:
+                grammar = output_grammar(request, tools)
+            elif context.checked is not None:
+                grammar = context.checked
+            else:
+                grammar = output_grammar(request, None, instance.options.grammars)
+            budget = ContextBudget(instance.n_ctx_seq, request.token_limit, context.model.context_overflow)
+            rendered, prompt = fit_chat(
+                request.messages, template, tools, budget,
+                lambda rendered, kept: instance.tokenize_rendered(rendered, images), instance.longest_token,
+                image_marker=images.marker if images else None,
+            )  # fmt: skip
+            if not images and not context.fresh and not rendered.plain_spans:
+                prompt = instance.keep_held_tokens(context.slot, prompt)
+            return self._jobs(context, request, [prompt], grammar, tools, images.positions(prompt) if images else None)
+
         from lllms_llamacpp.vision import prompt_images
 
         images = await prompt_images(instance, context, request)
         try:
-            marker = images.marker if images else None
-            messages, prefill = prepare_messages(request.messages, template, tools, marker)
-            template_tools = tools if template.knows_tools else None
-
-            contents = [message_text(message) for message in request.messages]
-
-            def tokens_of(turns: list[dict]) -> list[int]:
-                text = template.render(turns, tools=template_tools, add_generation_prompt=True)
-                if images:
-                    return images.tokenize(text + (prefill or ""), contents)
-                return instance.tokenize_chat(text + (prefill or ""), contents)
-
-            prompt = self._fit_chat(instance, messages, tokens_of, request.token_limit)
-            if not images and not context.fresh and not any(instance.spells_special(content) for content in contents):
-                prompt = instance.keep_held_tokens(context.slot, prompt)
-            known = {tool.function.name for tool in request.tools} if use_tools else None
-            media = images.positions(prompt) if images else None
-            return await self._complete(context, request, sink, [prompt], grammar, known, echo=[None], media=media)
+            jobs = await trio.to_thread.run_sync(prepare, limiter=instance.limiter)
+            return await self._complete(instance, sink, jobs, echo=[None])
         finally:
             if images:
                 images.release()
@@ -435,56 +449,68 @@ class LlamaCppEngine(Engine):
     async def text_completion(
         self, context: TaskContext, request: TextCompletionRequest, sink: ChunkSink
     ) -> CompletionResult:
+        from lllms_core.plugin_api import ContextBudget, fit_tokens, output_grammar
+
         instance = self._generator(context)
         model = instance.model
-        grammar = self._grammar(request, instance.options)
-        prompts, echoes = [], []
-        for prompt in request.prompts:
-            if isinstance(prompt, str):
-                text = prompt
-                if request.suffix:
-                    tokens = self._infill(instance, prompt, request.suffix)
+
+        def prepare() -> tuple[list["Job"], list[str | None]]:
+            grammar = context.checked if context.checked is not None else output_grammar(request, None, instance.options.grammars)
+            budget = ContextBudget(instance.n_ctx_seq, request.token_limit, context.model.context_overflow)
+            prompts, echoes = [], []
+            for prompt in request.prompts:
+                if isinstance(prompt, str):
+                    text = prompt
+                    if request.suffix:
+                        tokens = self._infill(instance, prompt, request.suffix)
+                    else:
+                        tokens = instance.tokenize_prompt(prompt) if prompt else [model.bos if model.bos >= 0 else model.eos]
                 else:
-                    tokens = instance.tokenize_prompt(prompt) if prompt else [model.bos if model.bos >= 0 else model.eos]
-            else:
-                model.check_tokens(prompt, "prompt")
-                if not prompt:
-                    raise InvalidRequestError("a token prompt must not be empty", param="prompt")
-                if request.suffix:
-                    raise self.unsupported("suffix", "a suffix with a token prompt")
-                tokens, text = list(prompt), model.detokenize(prompt)
-            prompts.append(self._fit_text(instance, tokens, request.token_limit))
-            echoes.append(text if request.echo else None)
-        return await self._complete(context, request, sink, prompts, grammar, None, echo=echoes)
+                    model.check_tokens(prompt, "prompt")
+                    if not prompt:
+                        raise InvalidRequestError("a token prompt must not be empty", param="prompt")
+                    if request.suffix:
+                        raise self.unsupported("suffix", "a suffix with a token prompt")
+                    tokens, text = list(prompt), model.detokenize(prompt)
+                prompts.append(fit_tokens(tokens, budget, keep_first=model.bos >= 0 and tokens[0] == model.bos))
+                echoes.append(text if request.echo else None)
+            return self._jobs(context, request, prompts, grammar, None), echoes
+
+        jobs, echoes = await trio.to_thread.run_sync(prepare, limiter=instance.limiter)
+        return await self._complete(instance, sink, jobs, echo=echoes)
 
     async def embedding(self, context: TaskContext, request: EmbeddingRequest) -> EmbeddingResult:
         instance: LlamaCppInstance = context.instance
         model = instance.model
         if instance.embed_context is None:
             raise InvalidRequestError(f"model {context.model.id!r} is not configured for embeddings", param="model")
-        token_lists = []
-        for item in request.inputs:
-            if isinstance(item, str):
-                tokens = model.tokenize(item, add_special=True, parse_special=False)
-            else:
-                model.check_tokens(item, "input")
-                tokens = list(item)
-            if not tokens:
-                raise InvalidRequestError("an input must not be empty", param="input")
-            if len(tokens) > instance.n_ctx_seq:
-                raise ContextLengthExceededError(
-                    f"an input has {len(tokens)} tokens; this model embeds at most {instance.n_ctx_seq}", param="input"
-                )
-            token_lists.append(tokens)
         if request.dimensions is not None and request.dimensions > model.n_embd:
             raise InvalidRequestError(
                 f"dimensions ({request.dimensions}) exceeds the model's {model.n_embd}", param="dimensions"
             )
         pooling = request.pooling or instance.options.pooling or model.pooling or "mean"
-        vectors = await trio.to_thread.run_sync(instance.embed, token_lists, pooling, limiter=instance.limiter)
+
+        def run() -> tuple[list[list[float]], int]:
+            token_lists = []
+            for item in request.inputs:
+                if isinstance(item, str):
+                    tokens = model.tokenize(item, add_special=True, parse_special=False)
+                else:
+                    model.check_tokens(item, "input")
+                    tokens = list(item)
+                if not tokens:
+                    raise InvalidRequestError("an input must not be empty", param="input")
+                if len(tokens) > instance.n_ctx_seq:
+                    raise ContextLengthExceededError(
+                        f"an input has {len(tokens)} tokens; this model embeds at most {instance.n_ctx_seq}", param="input"
+                    )
+                token_lists.append(tokens)
+            return instance.embed(token_lists, pooling), sum(len(tokens) for tokens in token_lists)
+
+        vectors, prompt_tokens = await trio.to_thread.run_sync(run, limiter=instance.limiter)
         return EmbeddingResult(
             embeddings=[normalize_embedding(vector, request.dimensions) for vector in vectors],
-            prompt_tokens=sum(len(tokens) for tokens in token_lists),
+            prompt_tokens=prompt_tokens,
         )
 
     async def tokenize(self, context: TaskContext, request: TokenizeRequest) -> TokenizeResult:
@@ -496,12 +522,10 @@ class LlamaCppEngine(Engine):
         if request.messages is not None:
             if instance.template is None:
                 raise InvalidRequestError(f"model {request.model!r} has no chat template", param="messages")
-            from lllms_llamacpp.chat import prepare_messages, tool_definitions
+            from lllms_core.plugin_api import tool_setup
 
-            tools = tool_definitions(request.tools) if request.tools else None
-            messages, prefill = prepare_messages(request.messages, instance.template, tools)
-            text = instance.template.render(messages, tools=tools if instance.template.knows_tools else None, add_generation_prompt=True)
-            tokens = instance.tokenize_chat(text + (prefill or ""), [message_text(m) for m in request.messages])
+            tools = tool_setup(request, instance.template.tool_format)
+            tokens = instance.tokenize_rendered(instance.template.prompt(request.messages, tools))
         else:
             tokens = model.tokenize(request.content, add_special=request.add_special, parse_special=False)
         pieces = [model.piece_text(token) for token in tokens] if request.with_pieces else None
@@ -522,79 +546,6 @@ class LlamaCppEngine(Engine):
         if instance.scheduler is None:
             raise InvalidRequestError(f"model {context.model.id!r} is configured for embeddings only", param="model")
         return instance
-
-    def _grammar(self, request: Any, options: LlamaCppOptions) -> str | None:
-        from lllms_llamacpp.grammars import json_object_grammar, schema_grammar
-
-        response_format = getattr(request, "response_format", None)
-        structured = isinstance(response_format, (ResponseFormatJsonObject, ResponseFormatJsonSchema))
-        if request.grammar is not None:
-            if structured:
-                raise InvalidRequestError("grammar and a JSON response_format cannot be combined", param="grammar")
-            if request.grammar in options.grammars:
-                return options.grammars[request.grammar]
-            if "::=" not in request.grammar:
-                raise InvalidRequestError(f"grammar {request.grammar!r} not found", param="grammar")
-            return request.grammar
-        if isinstance(response_format, ResponseFormatJsonObject):
-            return json_object_grammar()
-        if isinstance(response_format, ResponseFormatJsonSchema):
-            schema = response_format.json_schema.schema
-            return schema_grammar(schema if schema is not msgspec.UNSET else {}, param="response_format")
-        return None
-
-    def _fit_chat(self, instance: LlamaCppInstance, messages: list[dict], tokens_of, token_limit: int | None) -> list[int]:
-        """Render the conversation so that it fits one sequence's context, following the
-        model's ``context_overflow`` policy."""
-        n_ctx = instance.n_ctx_seq
-        tokens = tokens_of(messages)
-        if instance.options.context_overflow == "error":
-            self._check_fits(len(tokens), token_limit, n_ctx)
-            return tokens
-        target = n_ctx - min(token_limit or n_ctx // 4, n_ctx // 2)
-        if len(tokens) > target:
-            # keep the system message and the longest recent history that fits, starting at a
-            # user turn; found by bisection, since a conversation may have hundreds of turns
-            head = messages[:1] if messages and messages[0]["role"] == "system" else []
-            starts = [i for i in range(len(head) + 1, len(messages)) if messages[i]["role"] == "user"]
-            low, high = 0, len(starts) - 1
-            while low <= high:
-                middle = (low + high) // 2
-                candidate = tokens_of(head + messages[starts[middle] :])
-                if len(candidate) <= target:
-                    tokens, high = candidate, middle - 1
-                else:
-                    low = middle + 1
-            if low == len(starts) and starts:  # even the last user turn on its own is long
-                tokens = tokens_of(head + messages[starts[-1] :])
-        if len(tokens) >= n_ctx:
-            raise ContextLengthExceededError(
-                f"the prompt has {len(tokens)} tokens after dropping old turns; the context holds {n_ctx}",
-                param="messages",
-            )
-        return tokens
-
-    def _fit_text(self, instance: LlamaCppInstance, tokens: list[int], token_limit: int | None) -> list[int]:
-        n_ctx = instance.n_ctx_seq
-        if instance.options.context_overflow == "error":
-            self._check_fits(len(tokens), token_limit, n_ctx, param="prompt")
-            return tokens
-        if len(tokens) < n_ctx:
-            return tokens
-        keep = n_ctx - min(token_limit or n_ctx // 4, n_ctx // 2)
-        model = instance.model
-        head = tokens[:1] if tokens[0] == model.bos and model.bos >= 0 else []
-        return head + tokens[len(tokens) - keep + len(head) :]
-
-    @staticmethod
-    def _check_fits(prompt: int, token_limit: int | None, n_ctx: int, param: str = "messages") -> None:
-        wanted = prompt + (token_limit or 1)
-        if wanted > n_ctx:
-            detail = f" and {token_limit} for the completion" if token_limit else ""
-            raise ContextLengthExceededError(
-                f"this model's context holds {n_ctx} tokens; the request needs {prompt} for the prompt{detail}",
-                param=param,
-            )
 
     def _infill(self, instance: LlamaCppInstance, prompt: str, suffix: str) -> list[int]:
         model = instance.model
@@ -648,28 +599,23 @@ class LlamaCppEngine(Engine):
             return (request.top_logprobs or 0) if request.logprobs or request.top_logprobs else None
         return request.logprobs
 
-    async def _complete(
-        self,
-        context: TaskContext,
-        request: Any,
-        sink: ChunkSink,
-        prompts: list[list[int]],
-        grammar: str | None,
-        tool_names: set[str] | None,
-        echo: list[str | None],
-        media: dict | None = None,
-    ) -> CompletionResult:
-        """Generate ``n`` choices for each prompt, as parallel sequences. ``media``: where the
-        first prompt's images are (see :mod:`lllms_llamacpp.vision`)."""
-        from lllms_llamacpp.chat import ToolCallParser
+    def _jobs(
+        self, context: TaskContext, request: Any, prompts: list[list[int]], grammar: str | None,
+        tools: "ToolSetup | None", media: dict | None = None,
+    ) -> list["Job"]:
+        """``n`` jobs per prompt, with their samplers (which parse the grammar); in a worker
+        thread. ``media``: where the first prompt's images are (see :mod:`lllms_llamacpp.vision`)."""
+        from lllms_core.plugin_api import CompletionOutput
+
         from lllms_llamacpp.native import Sampler
-        from lllms_llamacpp.scheduler import Job, TextStream
+        from lllms_llamacpp.scheduler import Job, TextStream, release_media
 
         instance: LlamaCppInstance = context.instance
         model = instance.model
         params = self._sampling(instance, request, grammar)
         seed = request.seed if request.seed is not None else random.getrandbits(32)
         top = self._top_logprobs(request)
+        shown = instance.shown_tokens(tools.format) if tools is not None else frozenset()
         choices = request.choices
         jobs: list[Job] = []
         try:
@@ -684,7 +630,7 @@ class LlamaCppEngine(Engine):
                         max_new=min(request.token_limit or math.inf, instance.n_ctx_seq - len(prompt)),
                         index=index,
                         top_logprobs=top,
-                        stream=TextStream(model, request.stop_list),
+                        stream=TextStream(model, CompletionOutput(request.stop_list, tools), shown),
                         after=first,
                         fresh=context.fresh and index == 0,
                     )
@@ -695,24 +641,22 @@ class LlamaCppEngine(Engine):
                     first = first or job
                     jobs.append(job)
         except BaseException:
-            from lllms_llamacpp.scheduler import release_media
-
             for job in jobs:
                 job.sampler.close()
                 release_media(job)
             raise
+        return jobs
+
+    async def _complete(self, instance: LlamaCppInstance, sink: ChunkSink, jobs: list["Job"], echo: list[str | None]) -> CompletionResult:
+        """Run the jobs (``n`` choices of each prompt, as parallel sequences)."""
+        choices = len(jobs) // len(echo)
         for job in jobs:
             text = echo[job.index // choices]
             if text:
                 sink.send_nowait(CompletionChunk(index=job.index, text=text))
-        parsers = {job.index: ToolCallParser(tool_names) for job in jobs} if tool_names else {}
 
-        def on_chunk(index: int, text: str, token_logprobs: list | None) -> None:
-            deltas = None
-            if parsers:
-                text, deltas = parsers[index].push(text)
-            if text or token_logprobs or deltas:
-                sink.send_nowait(CompletionChunk(index=index, text=text, logprobs=token_logprobs, tool_calls=deltas or None))
+        def on_chunk(index: int, piece, token_logprobs: list | None) -> None:
+            sink.send_nowait(piece.chunk(index, token_logprobs))
 
         results = await self._run(instance, jobs, on_chunk)
         finish_reasons = []
@@ -723,16 +667,9 @@ class LlamaCppEngine(Engine):
                 usage.prompt_tokens += prompt_tokens
                 usage.cached_tokens += cached
             usage.completion_tokens += completion_tokens
-            if parsers:
-                parser = parsers[job.index]
-                text, deltas = parser.finish()
-                if text or deltas:
-                    sink.send_nowait(CompletionChunk(index=job.index, text=text, tool_calls=deltas or None))
-                if parser.called and reason == "stop":
-                    reason = "tool_calls"
-            finish_reasons.append(reason)
+            finish_reasons.append(job.stream.output.finish_reason(reason))
         await trio.lowlevel.checkpoint()
-        stops = [job.stream.filter.matched for job in jobs]
+        stops = [job.stream.output.stop_sequence for job in jobs]
         return CompletionResult(finish_reasons=finish_reasons, usage=usage, stop_sequences=stops)
 
     async def _run(self, instance: LlamaCppInstance, jobs: list["Job"], on_chunk) -> dict[int, tuple]:

@@ -20,20 +20,16 @@ import math
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from lllms_core.plugin_api import (
-    EngineError,
-    LllmsError,
-    StopStringFilter,
-    TokenLogprob,
-    TopLogprob,
-    common_prefix,
-)
+from lllms_core.plugin_api import EngineError, LllmsError, TokenLogprob, TopLogprob, common_prefix
 
 from lllms_llamacpp.native import Context, Model, Sampler, log_softmax
+
+if TYPE_CHECKING:
+    from lllms_core.plugin_api import CompletionOutput
 
 log = logging.getLogger("lllms.llamacpp")
 
@@ -63,19 +59,23 @@ class Delivery:
 
 
 class TextStream:
-    """Turns sampled tokens into text: UTF-8 across tokens, stop strings held back."""
+    """Turns sampled tokens into what a request sends: UTF-8 across tokens, then the
+    engine's ``output`` (stop strings held back, tool calls parsed; see
+    :class:`lllms_core.chat.CompletionOutput`), which may end the generation. Special
+    tokens render as nothing, except the ``shown`` ones (a tool format's markers)."""
 
-    def __init__(self, model: Model, stops: list[str]):
+    def __init__(self, model: Model, output: "CompletionOutput", shown: frozenset[int] = frozenset()):
         self.model = model
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.filter = StopStringFilter(stops)
+        self.output = output
+        self.shown = shown
 
-    def push(self, token: int) -> tuple[str, bool]:
-        return self.filter.push(self.decoder.decode(self.model.piece(token)))
+    def push(self, token: int):
+        piece = self.model.spell([token]) if token in self.shown else self.model.piece(token)
+        return self.output.push(self.decoder.decode(piece))
 
-    def flush(self) -> str:
-        text, _ = self.filter.push(self.decoder.decode(b"", final=True))
-        return text + self.filter.flush()
+    def flush(self):
+        return self.output.flush(self.decoder.decode(b"", final=True))
 
 
 @dataclass(eq=False)

@@ -151,19 +151,11 @@ class PromptImages:
         self.images = images
         self.marker = f"<__image_{secrets.token_hex(6)}__>"
 
-    def tokenize(self, text: str, contents: list[str]) -> list[int]:
-        """The rendered prompt's tokens, each marker replaced by its image's tokens. Turns
-        dropped to fit the context took their images with them: the markers left are the
-        last images'."""
-        segments = text.split(self.marker)
-        kept = self.images[len(self.images) - (len(segments) - 1) :]
-        pieces = [piece for content in contents for piece in content.split(self.marker)]
-        tokens = self.instance.tokenize_chat(segments[0], pieces)
-        for (image_tokens, _), segment in zip(kept, segments[1:]):
-            tokens += image_tokens
-            if segment:
-                tokens += self.instance.tokenize_chat(segment, pieces, starts_prompt=False)
-        return tokens
+    def tokens_for(self, text: str) -> list[list[int]]:
+        """The tokens of the images whose markers ``text`` holds, in order. Turns dropped to
+        fit the context took their images with them: the markers left are the last images'."""
+        left = text.count(self.marker)
+        return [tokens for tokens, _ in self.images[len(self.images) - left :]] if left else []
 
     def positions(self, prompt: list[int]) -> dict[int, Media]:
         return media_positions(prompt, [media for _, items in self.images for media in items])

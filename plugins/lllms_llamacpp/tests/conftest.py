@@ -32,9 +32,11 @@ def smollm2_path() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def model_config(task: str = "chat-completion", context_size: int = 512, **options: Any) -> ModelConfig:
+def model_config(task: str = "chat-completion", context_size: int = 512, context_overflow: str = "drop_oldest",
+                 **options: Any) -> ModelConfig:
     return ModelConfig(
-        id="smollm2", engine="llamacpp", task=task, context_size=context_size, options=LlamaCppOptions(**options)
+        id="smollm2", engine="llamacpp", task=task, context_size=context_size, context_overflow=context_overflow,
+        options=LlamaCppOptions(**options),
     )
 
 

@@ -31,11 +31,9 @@ async def test_a_follow_up_keeps_an_answer_the_tokenizer_would_split_otherwise(s
     instance = smol.instance
     first = [UserMessage(content="Say hello.")]
     answer = "Hello there, my good friend."
-    rendered = instance.template.render([{"role": "user", "content": first[0].content}], tools=None,
-                                        add_generation_prompt=True)
     spelled_by_characters = [token for character in answer
                              for token in instance.model.tokenize(character, add_special=False, parse_special=False)]
-    held = instance.tokenize_prompt(rendered) + spelled_by_characters
+    held = instance.tokenize_rendered(instance.template.prompt(first)) + spelled_by_characters
     await smol.complete(slot=1, prompt=held, max_tokens=1)
     assert instance.slot_states[1].tokens == held
     second = [*first, AssistantMessage(content=answer), UserMessage(content="And goodbye?")]

@@ -6,9 +6,11 @@ import json
 from functools import partial
 
 import openai
+import pytest
 import trio
 
 from lllms_core.http import serve_async
+from lllms_core.testing import BackgroundServer, health_during
 
 
 def config(model_file) -> dict:
@@ -82,3 +84,51 @@ async def test_openai_client_chat_stream_tools_and_completions(smollm2_file):
 
         await trio.to_thread.run_sync(use_the_client)
         nursery.cancel_scope.cancel()
+
+
+def test_a_grammar_that_does_not_parse_is_a_400_before_a_stream_starts(smollm2_file):
+    server = BackgroundServer(config(smollm2_file)).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+        def stream(**fields):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                               **fields)
+            return refused.value.body
+
+        refused = stream(extra_body={"grammar": "root ::= ("})
+        assert refused["param"] == "grammar" and "not valid GBNF" in refused["message"]
+        impossible = {"name": "n", "schema": {"type": "integer", "minimum": 20, "maximum": 10}}
+        refused = stream(response_format={"type": "json_schema", "json_schema": impossible})
+        assert refused["param"] == "response_format" and "at least 20 and at most 10" in refused["message"]
+    finally:
+        server.stop()
+
+
+def test_a_huge_message_and_many_logit_bias_keys_leave_the_server_answering(smollm2_file):
+    """Rendering, tokenizing and logit_bias keys run in a worker thread: /health answers at
+    once meanwhile (on the event loop they stalled it for 32 s and 5 s)."""
+    settings = config(smollm2_file) | {"http": {"max_body_size": 64 * 1024 * 1024}}
+    server = BackgroundServer(settings).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=300, max_retries=0)
+        huge = [{"role": "user", "content": "word " * 10_000_000}]  # 50 MB
+
+        def send_huge():
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(model="smol", messages=huge, max_tokens=2)
+            return refused.value
+
+        refusal, latencies = health_during(server.base_url, send_huge)
+        assert refusal.body["code"] == "context_length_exceeded"
+        assert len(latencies) >= 2 and max(latencies) < 3, latencies
+        print("huge message: /health answered in", max(latencies), "s at most, polled", len(latencies), "times")
+        biases = {f"word{number}": -1 for number in range(100_000)}
+        answer, latencies = health_during(server.base_url, lambda: client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "Say hello."}], logit_bias=biases, max_tokens=2))
+        assert answer.choices[0].message.content
+        assert len(latencies) >= 2 and max(latencies) < 3, latencies
+        print("logit_bias keys: /health answered in", max(latencies), "s at most, polled", len(latencies), "times")
+    finally:
+        server.stop()

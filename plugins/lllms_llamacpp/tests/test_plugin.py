@@ -26,7 +26,8 @@ def test_options_are_read_flat_from_the_model_table():
     )
     options = config.models["m"].options
     assert isinstance(options, LlamaCppOptions)
-    assert options.parallel == 2 and options.context_overflow == "error" and options.lora[0].scale == 0.5
+    assert options.parallel == 2 and options.lora[0].scale == 0.5
+    assert config.models["m"].context_overflow == "error"  # a core field, beside the options
 
 
 def test_a_misspelt_option_is_an_error_naming_it():

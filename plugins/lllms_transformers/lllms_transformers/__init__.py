@@ -92,13 +92,23 @@ class TransformersEngine(Engine):
         from lllms_transformers import loading
 
         loaded = await trio.to_thread.run_sync(loading.load, model, prepared, device)
-        return TransformersInstance(slots=1, limiter=trio.CapacityLimiter(1), loaded=loaded)
+        template = getattr(loaded, "template", None)
+        return TransformersInstance(slots=1, limiter=trio.CapacityLimiter(1), loaded=loaded,
+                                    chat_template=template.source if template is not None else None)
 
     async def dispose_instance(self, instance: EngineInstance) -> None:
         loaded = instance.loaded
         instance.loaded = None
         instance.slot_states = [None] * instance.slots
         await trio.to_thread.run_sync(loaded.close)
+
+    def check_request(self, model, request):
+        """Parse the request's grammar before it is queued (a 400, also for a streamed request)."""
+        from lllms_core.plugin_api import checked_grammar
+
+        from lllms_transformers.structured import check_grammar
+
+        return checked_grammar(request, check_grammar) if model.task in ("chat-completion", "text-completion") else None
 
     async def preload(self, context):
         if context.model.task in ("chat-completion", "text-completion"):
@@ -153,15 +163,12 @@ def _tokenizer(loaded):
 def _tokenize(loaded, request) -> TokenizeResult:
     tokenizer = _tokenizer(loaded)
     if request.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
+        template = getattr(loaded, "template", None)
+        if template is None:
             raise InvalidRequestError("this model has no chat template", param="messages")
-        from lllms_core.plugin_api import message_text
+        from lllms_core.plugin_api import tool_setup
 
-        turns = [{"role": type(m).__struct_config__.tag, "content": message_text(m)} for m in request.messages]
-        tools = [msgspec.to_builtins(tool) for tool in request.tools] if request.tools else None
-        tokens = tokenizer.apply_chat_template(turns, tools=tools, add_generation_prompt=True, tokenize=True)
-        if hasattr(tokens, "keys"):  # a BatchEncoding in newer transformers
-            tokens = tokens["input_ids"]
+        tokens = loaded.tokenize_rendered(template.prompt(request.messages, tool_setup(request, template.tool_format)))
     else:
         tokens = tokenizer.encode(request.content, add_special_tokens=request.add_special)
     tokens = [int(token) for token in tokens]

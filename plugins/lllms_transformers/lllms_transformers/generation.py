@@ -15,12 +15,11 @@ The next request in that slot reuses the cache for the common token prefix
 
 from __future__ import annotations
 
-import json
+import functools
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import jinja2
 import msgspec
 import torch
 import trio
@@ -40,28 +39,25 @@ from transformers import (
 )
 
 from lllms_core.plugin_api import (
-    AssistantMessage,
     ChatCompletionRequest,
+    ChatTemplate,
     CompletionChunk,
+    CompletionOutput,
     CompletionResult,
-    ContextLengthExceededError,
-    DeveloperMessage,
+    ContextBudget,
     InvalidRequestError,
-    RefusalPart,
-    StopStringFilter,
-    SystemMessage,
+    RenderedPrompt,
     TextCompletionRequest,
-    TextPart,
     TokenLogprob,
-    ToolCallDelta,
-    ToolMessage,
     TopLogprob,
     Usage,
-    UserMessage,
     check_token_ids,
     common_prefix,
-    message_text,
+    config_messages,
+    fit_chat,
+    fit_tokens,
     requested_logits_processors,
+    tool_setup,
 )
 from lllms_transformers import structured, vision
 
@@ -87,8 +83,15 @@ class TextGenerator:
         """What a text starts with: the model's BOS token, else its first end-of-text token."""
         pad = model.generation_config.pad_token_id
         self.pad_token_id = pad if pad is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
-        self.template = (getattr(processor, "chat_template", None) if processor else None) or tokenizer.chat_template or ""
-        self.template_has_tools = "tools" in self.template
+        added = tokenizer.added_tokens_decoder
+        self.special_ids = frozenset(token for token, added_token in added.items() if added_token.special)
+        """Added tokens that decode to nothing (unless a tool format's marker)."""
+        variables = {name: value for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+        source = (getattr(processor, "chat_template", None) if processor else None) or tokenizer.chat_template
+        self.template = ChatTemplate(
+            source, special_tokens=[token.content for token in added.values()], variables=variables,
+            content_parts=processor is not None,
+        ) if source else None
         self.grammars = structured.GrammarCompiler(self)
         self.sampling_defaults = model_sampling_defaults(model.generation_config)
 
@@ -99,6 +102,28 @@ class TextGenerator:
 
     def info(self) -> dict[str, Any]:
         return {"device": str(self.device), "dtype": str(self.model.dtype).removeprefix("torch."), "context_size": self.context_size}
+
+    def tokenize_rendered(self, prompt: RenderedPrompt) -> list[int]:
+        """Tokens of a rendered chat: the client's text (plain spans) never becomes special tokens."""
+        tokens: list[int] = []
+        for text, special in prompt.pieces():
+            tokens += self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
+        return tokens
+
+    @functools.cached_property
+    def longest_token(self) -> int:
+        """At least the byte length of the vocabulary's longest token (its written form is
+        as long as the bytes it stands for, or longer)."""
+        return max(len(token.encode()) for token in self.tokenizer.get_vocab())
+
+    def shown_tokens(self, tool_format) -> frozenset[int]:
+        """The special tokens that spell a tool format's markers: generated, they show as text."""
+        shown = set()
+        for marker in tool_format.marker_texts:
+            tokens = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
+            if len(tokens) == 1:
+                shown.add(tokens[0])
+        return frozenset(shown)
 
 
 @dataclass
@@ -242,38 +267,26 @@ class SeededSampler(LogitsProcessor):
 
 
 class IncrementalDecoder:
-    """Turns tokens into text as they come, holding back incomplete UTF-8 sequences."""
+    """Turns tokens into text as they come, holding back incomplete UTF-8 sequences.
+    Special tokens decode to nothing, except the ``shown`` ones (a tool format's markers)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, hidden: frozenset[int]):
         self.tokenizer = tokenizer
+        self.hidden = hidden
         self.ids: list[int] = []
         self.prefix = 0
         self.read = 0
 
     def add(self, token: int) -> str:
+        if token in self.hidden:
+            return ""
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        now = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=False)
+        now = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=False)
         if now.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return now[len(before) :]
-
-
-class TextOutput:
-    """Plain text: stop strings are cut off and never sent."""
-
-    def __init__(self, stops: list[str]):
-        self.filter = StopStringFilter(stops)
-        self.stopped = False
-        self.called_tools = False
-
-    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        emitted, self.stopped = self.filter.push(text)
-        return emitted, []
-
-    def finish(self) -> tuple[str, list[ToolCallDelta]]:
-        return self.filter.flush(), []
 
 
 class TokenHandler(StoppingCriteria):
@@ -283,9 +296,10 @@ class TokenHandler(StoppingCriteria):
     cache stays consistent; the caller re-raises it once ``generate`` returned.
     """
 
-    def __init__(self, generator: TextGenerator, output, sink, index: int, recorder: LogprobRecorder | None, top: int):
+    def __init__(self, generator: TextGenerator, output: CompletionOutput, shown: frozenset[int], sink, index: int,
+                 recorder: LogprobRecorder | None, top: int):
         self.generator = generator
-        self.decoder = IncrementalDecoder(generator.tokenizer)
+        self.decoder = IncrementalDecoder(generator.tokenizer, generator.special_ids - shown)
         self.output = output
         self.sink = sink
         self.index = index
@@ -303,11 +317,10 @@ class TokenHandler(StoppingCriteria):
             trio.from_thread.check_cancelled()
             if token in self.generator.stop_token_ids:
                 self.ended = True
-                self._send(*self.output.finish(), None)
+                self._send(self.output.flush(), None)
             else:
-                text, calls = self.output.feed(self.decoder.add(token))
-                self._send(text, calls, self._logprob(token))
-                self.ended = self.output.stopped
+                piece, self.ended = self.output.push(self.decoder.add(token))
+                self._send(piece, self._logprob(token))
         except trio.Cancelled as cancelled:
             self.cancelled = cancelled
         done = self.ended or self.cancelled is not None
@@ -328,16 +341,14 @@ class TokenHandler(StoppingCriteria):
             ]
         return TokenLogprob(token=text, logprob=float(logprobs[token]), bytes=list(text.encode()), top_logprobs=top)
 
-    def _send(self, text: str, calls: list[ToolCallDelta], logprob: TokenLogprob | None) -> None:
-        if text or calls or logprob:
-            self.sink.send_from_thread(
-                CompletionChunk(index=self.index, text=text, tool_calls=calls or None, logprobs=[logprob] if logprob else None)
-            )
+    def _send(self, piece, logprob: TokenLogprob | None) -> None:
+        if piece or logprob:
+            self.sink.send_from_thread(piece.chunk(self.index, [logprob] if logprob else None))
 
     def flush(self) -> None:
         """Send what the output held back when generation ended on the token limit."""
         if not self.ended and self.cancelled is None:
-            self._send(*self.output.finish(), None)
+            self._send(self.output.flush(), None)
 
 
 # --- one choice -----------------------------------------------------------------------
@@ -349,21 +360,20 @@ def generate_choice(
     prompt: list[int],
     sampling: Sampling,
     grammar,
-    output,
+    tools,
     sink,
     index: int,
     model_inputs: dict | None = None,
-) -> tuple[str, int, int]:
-    """Generate one choice in a worker thread; return (finish reason, completion tokens, cached tokens).
-    ``model_inputs``: a vision-language model's image inputs (``pixel_values``...); the prompt's
-    image tokens do not tell images apart, so such a prompt reuses no cache and leaves none."""
+) -> tuple[str, int, int, str | None]:
+    """Generate one choice in a worker thread; return (finish reason, completion tokens, cached
+    tokens, the stop string that ended it). ``model_inputs``: a vision-language model's image
+    inputs (``pixel_values``...); the prompt's image tokens do not tell images apart, so such a
+    prompt reuses no cache and leaves none."""
     model = generator.model
-    room = generator.context_size - len(prompt)
-    if room <= 0:
-        raise ContextLengthExceededError(
-            f"the prompt has {len(prompt)} tokens; the model's context holds {generator.context_size}", param="messages"
-        )
+    room = generator.context_size - len(prompt)  # at least one: the core's overflow policy fitted the prompt
     max_new = min(sampling.max_tokens or room, room)
+    output = CompletionOutput(sampling.stops, tools)
+    shown = generator.shown_tokens(tools.format) if tools is not None else frozenset()
 
     # reuse the slot's cache for the common prefix; at least one prompt token is evaluated
     reused = min(common_prefix(state.tokens, prompt), len(prompt) - 1) if not model_inputs else 0
@@ -399,7 +409,7 @@ def generate_choice(
         seed = sampling.seed + index if sampling.seed is not None else secrets.randbits(63)
         processors.append(SeededSampler(seed))
 
-    handler = TokenHandler(generator, output, sink, index, recorder, sampling.top_logprobs or 0)
+    handler = TokenHandler(generator, output, shown, sink, index, recorder, sampling.top_logprobs or 0)
     config = GenerationConfig(
         max_new_tokens=max_new,
         do_sample=False,
@@ -424,13 +434,7 @@ def generate_choice(
     if handler.cancelled is not None:
         raise handler.cancelled
     handler.flush()
-    if not handler.ended:
-        reason = "length"
-    elif output.called_tools:
-        reason = "tool_calls"
-    else:
-        reason = "stop"
-    return reason, handler.count, reused
+    return output.finish_reason("stop" if handler.ended else "length"), handler.count, reused, output.stop_sequence
 
 
 def _slot_state(context) -> SlotState:
@@ -441,25 +445,32 @@ def _slot_state(context) -> SlotState:
 
 
 async def _run_choices(
-    context, prompt: list[int], sampling, grammar, make_output, sink, first_index: int, choices: int, model_inputs=None
+    context, prompt: list[int], sampling, grammar, tools, sink, first_index: int, choices: int, model_inputs=None
 ):
-    """Run ``choices`` choices of one prompt; return (finish reasons by index, usage)."""
+    """Run ``choices`` choices of one prompt; return (finish reason and stop string by index, usage)."""
     generator: TextGenerator = context.instance.loaded
     state = _slot_state(context)
-    reasons: dict[int, str] = {}
+    ends: dict[int, tuple[str, str | None]] = {}
     completion_tokens = cached = 0
     # the last choice run stays in the slot's cache: run the first choice last, as the
     # pool's context identity of the slot follows choice 0
     for index in reversed(range(first_index, first_index + choices)):
-        reason, tokens, reused = await trio.to_thread.run_sync(
-            generate_choice, generator, state, prompt, sampling, grammar, make_output(), sink, index, model_inputs,
+        reason, tokens, reused, stop = await trio.to_thread.run_sync(
+            generate_choice, generator, state, prompt, sampling, grammar, tools, sink, index, model_inputs,
             limiter=context.instance.limiter,
         )  # fmt: skip
-        reasons[index] = reason
+        ends[index] = (reason, stop)
         completion_tokens += tokens
         if index == first_index:
             cached = reused
-    return reasons, Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens, cached_tokens=cached)
+    return ends, Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens, cached_tokens=cached)
+
+
+def _result(ends: dict[int, tuple[str, str | None]], usage: Usage) -> CompletionResult:
+    order = sorted(ends)
+    return CompletionResult(
+        finish_reasons=[ends[i][0] for i in order], stop_sequences=[ends[i][1] for i in order], usage=usage
+    )
 
 
 def preload_slot(generator: TextGenerator, state: SlotState, tokens: list[int]) -> None:
@@ -474,120 +485,56 @@ async def preload(context) -> None:
     """The model's ``initial_messages`` (through the chat template) or ``prefix`` into the slot."""
     generator: TextGenerator = context.instance.loaded
     model = context.model
-    if model.initial_messages and generator.template:
-        messages = [{"role": message.role, "content": message.content} for message in model.initial_messages]
-        if generator.processor is not None:
-            messages = vision.structured(messages)
-        text = generator.tokenizer.apply_chat_template(messages, chat_template=generator.template, tokenize=False)
-        tokens = generator.tokenizer(text, add_special_tokens=False)["input_ids"]
-    elif model.prefix:
-        tokens = generator.tokenizer(model.prefix)["input_ids"]
-    else:
-        return
-    await trio.to_thread.run_sync(preload_slot, generator, _slot_state(context), tokens, limiter=context.instance.limiter)
 
-
-# --- chat -------------------------------------------------------------------------------
-
-
-def _text_only(message, engine, generator: TextGenerator) -> str:
-    content = message.content
-    if isinstance(content, list) and any(not isinstance(part, (TextPart, RefusalPart)) for part in content):
-        if not (generator.processor is not None and isinstance(message, UserMessage)):
-            raise engine.unsupported("messages", "image or audio message content with this model")
-    return message_text(message)
-
-
-def template_messages(engine, generator: TextGenerator, request: ChatCompletionRequest, tools_active: bool) -> list[dict]:
-    """The request's messages as the chat template expects them. Tool calls and results
-    go in the template's own form when it knows tools, else as tagged text. A vision-language
-    model's template gets every content as a list of parts, images in their place."""
-    messages: list[dict] = []
-    for message in request.messages:
-        text = _text_only(message, engine, generator)
-        if isinstance(message, (SystemMessage, DeveloperMessage)):
-            messages.append({"role": "system", "content": text})
-        elif isinstance(message, UserMessage):
-            messages.append({"role": "user", "content": vision.content_parts(message) if generator.processor else text})
-        elif isinstance(message, AssistantMessage):
-            calls = message.tool_calls or []
-            if calls and generator.template_has_tools:
-                messages.append({
-                    "role": "assistant",
-                    "content": text,
-                    "tool_calls": [
-                        {"type": "function", "id": call.id, "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)}}
-                        for call in calls
-                    ],
-                })  # fmt: skip
-            else:
-                messages.append({"role": "assistant", "content": text + "".join(structured.call_text(call) for call in calls)})
-        elif isinstance(message, ToolMessage):
-            if generator.template_has_tools:
-                messages.append({"role": "tool", "content": text, "tool_call_id": message.tool_call_id})
-            else:
-                messages.append({"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"})
-    if tools_active and not generator.template_has_tools:
-        instructions = structured.tool_instructions(request.tools)
-        if messages and messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + instructions}
+    def run() -> None:
+        if model.initial_messages and generator.template is not None:
+            prompt = generator.template.prompt(config_messages(model.initial_messages), add_generation_prompt=False)
+            tokens = generator.tokenize_rendered(prompt)
+        elif model.prefix:
+            tokens = generator.tokenizer(model.prefix)["input_ids"]
         else:
-            messages.insert(0, {"role": "system", "content": instructions})
-    return vision.structured(messages) if generator.processor else messages
+            return
+        preload_slot(generator, _slot_state(context), tokens)
+
+    await trio.to_thread.run_sync(run, limiter=context.instance.limiter)
 
 
-def _arguments(arguments: str) -> Any:
-    try:
-        return json.loads(arguments)
-    except ValueError:
-        return arguments
-
-
-def chat_prompt(
-    engine, generator: TextGenerator, request: ChatCompletionRequest, tools_active: bool, images=None
-) -> tuple[list[int], dict | None]:
-    """The prompt's tokens, and a vision-language model's image inputs (None without images)."""
-    messages = template_messages(engine, generator, request, tools_active)
-    extra = {}
-    if tools_active and generator.template_has_tools:
-        extra["tools"] = [{"type": "function", "function": structured.function_dict(tool)} for tool in request.tools]
-    if not generator.template:
-        raise InvalidRequestError("this model has no chat template; use text completions", param="messages")
-    try:
-        text = generator.tokenizer.apply_chat_template(
-            messages, chat_template=generator.template, add_generation_prompt=True, tokenize=False, **extra
-        )
-    except jinja2.TemplateError as error:  # templates raise for what they refuse (roles, order)
-        raise InvalidRequestError(f"the model's chat template refused the messages: {error}", param="messages") from None
-    if generator.processor is not None and images:
-        return vision.model_inputs(generator, text, [images[url].pixels for url in vision.image_urls(request)])
-    return generator.tokenizer(text, add_special_tokens=False)["input_ids"], None
+# --- chat ---------------------------------------------------------------------------------
 
 
 async def chat_completion(engine, context, request: ChatCompletionRequest, sink) -> CompletionResult:
     generator: TextGenerator = context.instance.loaded
-    tools_active = bool(request.tools) and request.tool_choice != "none"
+    template = generator.template
+    if template is None:
+        raise InvalidRequestError("this model has no chat template; use text completions", param="messages")
     top = None
     if request.logprobs or request.top_logprobs:
         top = request.top_logprobs or 0
-    sampling = _sampling(engine, request, generator, top)
 
-    def prepare() -> tuple[tuple[list[int], dict | None], Any]:
-        # in the instance's thread: the tokenizer is not shared between threads
-        prompt = chat_prompt(engine, generator, request, tools_active, context.images)
-        return prompt, generator.grammars.for_chat(request, tools_active)
+    def prepare():
+        # in the instance's thread: the tokenizer is not shared between threads, and
+        # rendering, tokenizing (again while fitting) and grammars take long for long prompts
+        tools = tool_setup(request, template.tool_format)
+        grammar = generator.grammars.for_request(request, tools, context.checked)
+        budget = ContextBudget(generator.context_size, request.token_limit, context.model.context_overflow)
+        image_inputs: dict[str, dict] = {}
 
-    (prompt, model_inputs), grammar = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
-    if tools_active:
-        def make_output():
-            return structured.ToolCallOutput(sampling.stops)
-    else:
-        def make_output():
-            return TextOutput(sampling.stops)
-    reasons, usage = await _run_choices(
-        context, prompt, sampling, grammar, make_output, sink, 0, request.choices, model_inputs
-    )
-    return CompletionResult(finish_reasons=[reasons[i] for i in range(request.choices)], usage=usage)
+        def tokenize(rendered, kept) -> list[int]:
+            sources = vision.image_urls(kept) if generator.processor is not None else []
+            if not sources:
+                return generator.tokenize_rendered(rendered)
+            # the processor puts each image's tokens in the text (client text is not kept plain here)
+            tokens, image_inputs[rendered.text] = vision.model_inputs(
+                generator, rendered.text, [context.image(source).pixels for source in sources]
+            )
+            return tokens
+
+        rendered, prompt = fit_chat(request.messages, template, tools, budget, tokenize, generator.longest_token)
+        return prompt, image_inputs.get(rendered.text), grammar, tools, _sampling(engine, request, generator, top)
+
+    prompt, model_inputs, grammar, tools, sampling = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
+    ends, usage = await _run_choices(context, prompt, sampling, grammar, tools, sink, 0, request.choices, model_inputs)
+    return _result(ends, usage)
 
 
 # --- text -------------------------------------------------------------------------------
@@ -596,7 +543,6 @@ async def chat_completion(engine, context, request: ChatCompletionRequest, sink)
 async def text_completion(engine, context, request: TextCompletionRequest, sink) -> CompletionResult:
     generator: TextGenerator = context.instance.loaded
     tokenizer = generator.tokenizer
-    sampling = _sampling(engine, request, generator, request.logprobs)
 
     def tokens_of(prompt: str | list[int]) -> tuple[list[int], str]:
         if isinstance(prompt, str):
@@ -606,22 +552,26 @@ async def text_completion(engine, context, request: TextCompletionRequest, sink)
         check_token_ids(prompt, generator.model.config.vocab_size, "prompt")
         return list(prompt), tokenizer.decode(prompt)
 
-    def prepare() -> tuple[list[tuple[list[int], str]], Any]:
+    def prepare():
         # in the instance's thread: the tokenizer is not shared between threads
-        prompts = [tokens_of(prompt) for prompt in request.prompts]
-        return prompts, generator.grammars.for_grammar(request.grammar) if request.grammar else None
+        budget = ContextBudget(generator.context_size, request.token_limit, context.model.context_overflow)
+        prompts = []
+        for prompt in request.prompts:
+            tokens, text = tokens_of(prompt)
+            first = tokens[:1] == [tokenizer.bos_token_id] and tokenizer.bos_token_id is not None
+            prompts.append((fit_tokens(tokens, budget, keep_first=first), text))
+        grammar = generator.grammars.for_request(request, None, context.checked)
+        return prompts, grammar, _sampling(engine, request, generator, request.logprobs)
 
-    prompts, grammar = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
-    reasons: dict[int, str] = {}
+    prompts, grammar, sampling = await trio.to_thread.run_sync(prepare, limiter=context.instance.limiter)
+    ends: dict[int, tuple[str, str | None]] = {}
     usage = Usage()
     for number, (tokens, text) in enumerate(prompts):
         first = number * request.choices
         if request.echo:
             for index in range(first, first + request.choices):
                 await sink.send(CompletionChunk(index=index, text=text))
-        choice_reasons, choice_usage = await _run_choices(
-            context, tokens, sampling, grammar, lambda: TextOutput(sampling.stops), sink, first, request.choices
-        )
-        reasons.update(choice_reasons)
+        choice_ends, choice_usage = await _run_choices(context, tokens, sampling, grammar, None, sink, first, request.choices)
+        ends.update(choice_ends)
         usage = usage + choice_usage
-    return CompletionResult(finish_reasons=[reasons[i] for i in range(len(reasons))], usage=usage)
+    return _result(ends, usage)

@@ -257,36 +257,13 @@ def load_vision_language(model, prepared: Path, device, dtype):
     return TextGenerator(chat, processor.tokenizer, device, context_size, processor=processor)
 
 
-def content_parts(message) -> list[dict]:
-    """A user message's content as a chat template's parts, images in their place."""
-    from lllms_core.plugin_api import ImageUrlPart, TextPart
+def image_urls(messages) -> list[str]:
+    """The URLs of the messages' image parts, in the order the prompt shows them."""
+    from types import SimpleNamespace
 
-    if isinstance(message.content, str):
-        return [{"type": "text", "text": message.content}]
-    parts = []
-    for part in message.content:
-        if isinstance(part, ImageUrlPart):
-            parts.append({"type": "image"})
-        elif isinstance(part, TextPart):
-            parts.append({"type": "text", "text": part.text})
-    return parts
-
-
-def structured(messages: list[dict]) -> list[dict]:
-    """Every message's content as a list of parts, as vision-language chat templates expect."""
-    return [
-        {**message, "content": [{"type": "text", "text": message["content"]}]}
-        if isinstance(message.get("content"), str)
-        else message
-        for message in messages
-    ]
-
-
-def image_urls(request) -> list[str]:
-    """The URLs of the request's image parts, in the order the prompt shows them."""
     from lllms_core.plugin_api import chat_image_sources
 
-    return [url for url, _ in chat_image_sources(request)]
+    return [url for url, _ in chat_image_sources(SimpleNamespace(messages=messages))]
 
 
 def model_inputs(generator, text: str, images: list) -> tuple[list[int], dict]:

