@@ -39,6 +39,7 @@ from lllms_core.api.common import (
 )
 from lllms_core.api import anthropic, ollama, responses, utility
 from lllms_core.api.images import images_api
+from lllms_core.api.audio import audio_api
 from lllms_core.api.openai import PREFIXES, api
 from lllms_core.api.openapi import openapi_document
 from lllms_core.config import Config
@@ -194,6 +195,7 @@ def create_app(config_or_server: ModelServer | Config | dict | str | os.PathLike
     for prefix in PREFIXES:
         app.register_blueprint(api, url_prefix=prefix, name="openai" + prefix.replace("/", "_"))
         app.register_blueprint(images_api, url_prefix=prefix, name="images" + prefix.replace("/", "_"))
+        app.register_blueprint(audio_api, url_prefix=prefix, name="audio" + prefix.replace("/", "_"))
     for blueprint in (anthropic.api, responses.api, ollama.api, utility.api):
         app.register_blueprint(blueprint)
 

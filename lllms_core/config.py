@@ -20,7 +20,8 @@ from lllms_core.errors import ConfigError
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"
 TASK_NAMES = (
-    "chat-completion", "text-completion", "embedding", "speech-to-text", "image-to-text", "rerank", "image-generation"
+    "chat-completion", "text-completion", "embedding", "speech-to-text", "text-to-speech", "image-to-text", "rerank",
+    "image-generation",
 )
 
 ModelId = Annotated[str, Meta(pattern=MODEL_ID_PATTERN)]
@@ -104,6 +105,11 @@ class ModelConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_d
     url: str | None = None
     file: str | None = None
     location: str | None = None
+    files: dict[str, str | list[str]] = {}
+    """A model that is a folder of files from several places: file name → its source (a URL,
+    ``package://`` or a path), or the sources of its parts, joined in order into one file
+    (a file split to fit a package index). The store assembles the folder in the cache;
+    with ``url``/``file``/``location`` too, the folder also holds what they name."""
     sha256: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
     md5: Annotated[str, Meta(pattern=r"^[0-9a-fA-F]{32}$")] | None = None
     min_instances: Annotated[int, Meta(ge=0)] = 0
@@ -179,10 +185,21 @@ class ImagesConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_
     """Seconds a fetch of one image may take, from connecting to the last byte."""
 
 
+class AudioConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """What an uploaded audio file may be."""
+
+    max_bytes: Annotated[int, Meta(ge=1)] = 50 * 1024 * 1024
+    """Largest upload, in bytes (the HTTP body limit applies first)."""
+    max_seconds: Annotated[float, Meta(gt=0)] = 3 * 3600
+    """Longest audio, in seconds: decoded samples are held in memory (16 kHz mono
+    float32 is 230 MB per hour)."""
+
+
 class Config(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     models: dict[str, ModelConfig] = {}
 
@@ -282,8 +299,14 @@ def _load_model(model_id: str, spec: Any, plugins) -> ModelConfig:
         raise ConfigError(
             f"{where}: engine {engine_name!r} does not do task {model.task!r} (it does: {', '.join(sorted(engine.tasks))})"
         )
-    if not (model.url or model.file or model.location) and engine.needs_model_file:
-        raise ConfigError(f"{where}: one of `url`, `file` or `location` is required")
+    if not (model.url or model.file or model.location or model.files) and engine.needs_model_file:
+        raise ConfigError(f"{where}: one of `url`, `file`, `location` or `files` is required")
+    for name, sources in model.files.items():
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or any(part in ("", ".", "..") for part in parts):
+            raise ConfigError(f"{where}: `files` names a file inside the model's folder, not {name!r}")
+        if isinstance(sources, list) and not sources:
+            raise ConfigError(f"{where}: `files.{name}` lists no parts")
     if model.min_instances > model.max_instances:
         raise ConfigError(f"{where}: min_instances ({model.min_instances}) exceeds max_instances ({model.max_instances})")
     if model.replicas.min > model.replicas.max:

@@ -20,7 +20,7 @@ from lllms_core.errors import InvalidRequestError, UnsupportedParameterError
 from lllms_core.images import Image, RequestImages
 
 if TYPE_CHECKING:
-    from lllms_core.config import ModelConfig
+    from lllms_core.config import Config, ModelConfig
     from lllms_core.samplers import Sampler
     from lllms_core.schemas import (
         ChatCompletionRequest,
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
         ImageToTextResult,
         RerankRequest,
         RerankResult,
+        SpeechRequest,
+        SpeechResult,
         TextCompletionRequest,
         TokenizeRequest,
         TokenizeResult,
@@ -130,6 +132,15 @@ class TaskContext(msgspec.Struct, kw_only=True):
     previous_key: tuple[str, ...] = ()
     """The pool's context key of what the slot held before this request: an engine that
     saves that state files it under this key (the pool routes by it)."""
+    audio: Any = None
+    """Speech to text: the request's audio, decoded by the core (a
+    :class:`lllms_core.audio.DecodedAudio`: mono float32 at the engine's ``audio_sample_rate``)."""
+    models: Any = None
+    """The other models of the same server (a :class:`lllms_core.server.ModelCalls`), for an
+    engine composed from them: ``await context.models.speech_to_text(...)``,
+    ``async with context.models.stream_chat_completion(...) as stream``. Its requests are part
+    of this task: they are cancelled with it and wait for their model's slot, but they do not
+    wait for the server's concurrency limit or count against its queue, which this task passed."""
     checked: Any = None
     """What the engine's :meth:`Engine.check_request` returned for this request (None without one)."""
 
@@ -140,7 +151,8 @@ class TaskContext(msgspec.Struct, kw_only=True):
 
 
 class ChunkSink:
-    """Where an engine sends the chunks of a completion, from trio or from a thread.
+    """Where an engine sends the chunks of a completion (or the audio of speech), from trio
+    or from a thread.
 
     From a worker thread, :meth:`send_from_thread` also checks for cancellation,
     so a cancelled request stops generation within a token.
@@ -180,6 +192,7 @@ class Engine:
       sampler and task registries), e.g. ``{"temperature", "seed", "tools", "logprobs"}``.
     - ``logits_processors``: whether it applies plugin samplers' logits processors.
     - ``needs_model_file``: whether a model needs ``url``/``file``/``location``.
+    - ``audio_sample_rate``: the rate speech-to-text audio is decoded to for it.
 
     Optional task methods (``rerank``, ``tokenize``, ``detokenize``) refuse by default;
     an engine that overrides one offers it (see :meth:`implements`).
@@ -192,6 +205,7 @@ class Engine:
     capabilities: ClassVar[frozenset[str]] = frozenset()
     logits_processors: ClassVar[bool] = False
     needs_model_file: ClassVar[bool] = True
+    audio_sample_rate: ClassVar[int] = 16000
 
     def __init__(self, store: "ModelStore | None" = None, samplers: "dict[str, Sampler] | None" = None):
         self.store = store
@@ -203,6 +217,10 @@ class Engine:
         """Whether this engine can use a GPU on this machine; ``device.gpu = "auto"`` models take
         the GPU only then. Called when an instance is spawned, so it may import the engine's library."""
         return False
+
+    def check_model(self, model: "ModelConfig", config: "Config") -> None:
+        """Check a model against the whole configuration (the models it uses, say); raise
+        :class:`~lllms_core.errors.ConfigError`. Called when a server is built. Optional."""
 
     async def prepare_model(self, model: "ModelConfig", location: Path | None) -> Any:
         """Make a downloaded, verified model ready to load (convert, check); return what
@@ -268,6 +286,26 @@ class Engine:
         raise NotImplementedError
 
     async def speech_to_text(self, context: TaskContext, request: "TranscriptionRequest") -> "TranscriptionResult":
+        """Transcribe (or translate) ``context.audio``."""
+        raise NotImplementedError
+
+    async def stream_speech_to_text(
+        self, context: TaskContext, request: "TranscriptionRequest", sink: ChunkSink
+    ) -> "TranscriptionResult":
+        """As :meth:`speech_to_text`, sending the text as it is recognised as
+        :class:`~lllms_core.schemas.CompletionChunk` deltas whose concatenation is the result's
+        text. By default the whole text once, at the end."""
+        from lllms_core.schemas import CompletionChunk
+
+        result = await self.speech_to_text(context, request)
+        if result.text:
+            await sink.send(CompletionChunk(text=result.text))
+        return result
+
+    async def text_to_speech(self, context: TaskContext, request: "SpeechRequest", sink: ChunkSink) -> "SpeechResult":
+        """Speak ``request.input``: send the audio as :class:`~lllms_core.schemas.AudioChunk`s
+        while it is synthesized (at least one: it carries the sample rate), return the totals.
+        The core encodes it into the requested format."""
         raise NotImplementedError
 
     async def image_to_text(self, context: TaskContext, request: "ImageToTextRequest") -> "ImageToTextResult":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from msgspec import UNSET
 
+from lllms_core.audio import DecodedAudio
 from lllms_core.chat import (
     CHATML_TEMPLATE,
     DEFAULT_TOOL_FORMAT,
@@ -94,6 +95,7 @@ from lllms_core.reasoning import ThinkingBudget, ThinkSyntax, think_syntax
 from lllms_core.samplers import Sampler, requested_logits_processors
 from lllms_core.schemas import (
     AssistantMessage,
+    AudioChunk,
     ChatCompletionRequest,
     ChatMessage,
     CompletionChunk,
@@ -127,6 +129,8 @@ from lllms_core.schemas import (
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
     ResponseFormatText,
+    SpeechRequest,
+    SpeechResult,
     SystemMessage,
     TextCompletionRequest,
     TextPart,
@@ -142,11 +146,12 @@ from lllms_core.schemas import (
     TranscriptionRequest,
     TranscriptionResult,
     TranscriptionSegment,
+    TranscriptionWord,
     Usage,
     UserMessage,
     message_text,
 )
-from lllms_core.store import ModelStore
+from lllms_core.store import ModelStore, source_fields
 from lllms_core.tasks import Feature, Task
 
 API_VERSION = (1, 1)
@@ -199,6 +204,8 @@ __all__ = [
     "PROMPT_CACHE_BLOCK",
     "ContextKey",
     "model_file_digest",
+    "DecodedAudio",
+    "source_fields",
     # the chat layer (1.1): templates, the message policy, tool calls, grammars, context overflow
     "ChatTemplate",
     "RenderedPrompt",
@@ -254,6 +261,7 @@ __all__ = [
     "TextCompletionRequest",
     "EmbeddingRequest",
     "TranscriptionRequest",
+    "SpeechRequest",
     "ImageToTextRequest",
     "ImageGenerationRequest",
     "RerankRequest",
@@ -298,6 +306,9 @@ __all__ = [
     "EmbeddingResult",
     "TranscriptionResult",
     "TranscriptionSegment",
+    "TranscriptionWord",
+    "AudioChunk",
+    "SpeechResult",
     "ImageToTextResult",
     "ImageGenerationResult",
     "RerankResult",

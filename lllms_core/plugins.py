@@ -14,7 +14,7 @@ from functools import cached_property
 
 import pluggy
 
-from lllms_core import hookspecs, samplers, tasks
+from lllms_core import composed, hookspecs, samplers, tasks
 from lllms_core.errors import ConfigError
 
 log = logging.getLogger("lllms.plugins")
@@ -117,11 +117,12 @@ class PluginManager(pluggy.PluginManager):
 
 
 def get_plugin_manager(load_entry_points: bool = True) -> PluginManager:
-    """Build a plugin manager with the built-in tasks and samplers, and (by default) the
+    """Build a plugin manager with the built-in tasks, samplers and the ``composed`` engine, and (by default) the
     plugins installed under the ``lllms`` entry-point group."""
     manager = PluginManager()
     manager.register(tasks, name="lllms.tasks")
     manager.register(samplers, name="lllms.samplers")
+    manager.register(composed, name="lllms.composed")
     if load_entry_points:
         manager.load_entry_points()
     return manager

@@ -160,11 +160,14 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 class _Waiter:
-    __slots__ = ("model", "key", "event", "slot", "error", "finished")
+    __slots__ = ("model", "key", "nested", "event", "slot", "error", "finished")
 
-    def __init__(self, model: ModelConfig, key: ContextKey):
+    def __init__(self, model: ModelConfig, key: ContextKey, nested: bool = False):
         self.model = model
         self.key = key
+        self.nested = nested
+        """Made by a task that holds a slot already (a composed engine): it is part of that
+        request, which passed the concurrency gate and the queue limit."""
         self.event = trio.Event()
         self.slot: Slot | None = None
         self.error: LllmsError | None = None
@@ -179,9 +182,9 @@ class Lease:
     before any waiting. A lease that is never entered must be ``withdraw``n.
     """
 
-    def __init__(self, pool: "ModelPool", model_id: str, key: ContextKey):
+    def __init__(self, pool: "ModelPool", model_id: str, key: ContextKey, nested: bool = False):
         self._pool = pool
-        self._waiter = pool._enqueue(model_id, key)
+        self._waiter = pool._enqueue(model_id, key, nested)
 
     async def __aenter__(self) -> Slot:
         return await self._pool._wait(self._waiter)
@@ -235,9 +238,14 @@ class ModelPool:
 
     # --- public ---------------------------------------------------------------
 
-    def acquire(self, model_id: str, key: ContextKey = ()) -> Lease:
-        """Enqueue a request for a slot of ``model_id``; use as ``async with``."""
-        return Lease(self, model_id, key)
+    def acquire(self, model_id: str, key: ContextKey = (), *, nested: bool = False) -> Lease:
+        """Enqueue a request for a slot of ``model_id``; use as ``async with``.
+
+        ``nested``: the request is made by a task that holds a slot (a composed engine calling
+        another model). It waits for a slot of its model like the others, but neither for the
+        concurrency limit nor against the queue limit: its task passed both, and holds its
+        slot until this request ends, so waiting for the gate could wait forever."""
+        return Lease(self, model_id, key, nested)
 
     @property
     def processing(self) -> int:
@@ -321,17 +329,17 @@ class ModelPool:
 
     # --- the queue ------------------------------------------------------------
 
-    def _enqueue(self, model_id: str, key: ContextKey) -> _Waiter:
+    def _enqueue(self, model_id: str, key: ContextKey, nested: bool = False) -> _Waiter:
         if self.closed:
             raise ServiceUnavailableError("the server is shutting down")
         model = self.config.models.get(model_id)
         if model is None:
             raise ModelNotFoundError(f"The model {model_id!r} does not exist", param="model")
-        waiter = _Waiter(model, key)
+        waiter = _Waiter(model, key, nested)
         self._waiters.append(waiter)
         self._dispatch()
-        if waiter.slot is None and waiter.error is None:
-            waiting = sum(1 for w in self._waiters if w.slot is None)
+        if waiter.slot is None and waiter.error is None and not nested:
+            waiting = sum(1 for w in self._waiters if w.slot is None and not w.nested)
             if waiting > self.config.server.max_queue:
                 self._waiters.remove(waiter)
                 raise QueueFullError(
@@ -389,15 +397,16 @@ class ModelPool:
         limit = self.config.server.concurrency
         # first the waiters an idle slot can take, so that a request that needs room in memory
         # never disposes an instance before the requests waiting for it got its slots
+        # (a nested request, made by a task that holds a slot, passes the concurrency limit)
         for waiter in list(self._waiters):
-            if limit is not None and self._processing >= limit:
-                return
+            if limit is not None and self._processing >= limit and not waiter.nested:
+                continue
             slot = self._matching_slot(waiter.model, waiter.key)
             if slot is not None:
                 self._assign(waiter, slot)
         for waiter in list(self._waiters):
-            if limit is not None and self._processing >= limit:
-                break
+            if limit is not None and self._processing >= limit and not waiter.nested:
+                continue
             model = waiter.model
             slot = self._matching_slot(model, waiter.key)
             if slot is None:

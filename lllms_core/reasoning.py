@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import msgspec
 
+from lllms_core.chat.markers import partial_marker_length
 from lllms_core.schemas import CompletionChunk
 
 OPEN = "<think>"
@@ -38,14 +39,6 @@ def think_syntax(template: str | None) -> ThinkSyntax | None:
     tail = template[at:] if at != -1 else ""
     opened = tail.find(OPEN)
     return ThinkSyntax(opened_by_prompt=opened != -1 and CLOSE not in tail[opened:])
-
-
-def partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of ``text`` that is a proper start of ``marker``."""
-    for length in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:length]):
-            return length
-    return 0
 
 
 class ReasoningSplitter:
@@ -78,7 +71,7 @@ class ReasoningSplitter:
                 at = self.pending.find(self.syntax.close)
                 if at == -1:
                     # hold a partial close tag, and whitespace that may turn out to end the thinking
-                    keep = max(partial_suffix(self.pending, self.syntax.close), len(self.pending) - len(self.pending.rstrip()))
+                    keep = max(partial_marker_length(self.pending, (self.syntax.close,)), len(self.pending) - len(self.pending.rstrip()))
                     reasoning.append(self.pending[: len(self.pending) - keep])
                     self.thought = self.thought or bool(reasoning[-1])
                     self.pending = self.pending[len(self.pending) - keep :]

@@ -334,13 +334,32 @@ class DetokenizeRequest(Request, kw_only=True, omit_defaults=True):
 
 
 class TranscriptionRequest(Request, kw_only=True, omit_defaults=True):
+    """Speech to text (``/v1/audio/transcriptions``), or to English text with
+    ``task: translate`` (``/v1/audio/translations``)."""
+
     model: str
     audio: bytes = b""
+    """The uploaded file, as it came; the core decodes it for the engine (``TaskContext.audio``)."""
     filename: str = "audio"
     language: str | None = None
+    """The language spoken (ISO-639-1, e.g. ``en``); detected when omitted."""
     prompt: str | None = None
     response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
     temperature: Temperature | None = None
+    """0 or omitted: greedy, with the fallback to higher temperatures Whisper uses when
+    a window's decoding fails its checks."""
+    timestamp_granularities: list[Literal["word", "segment"]] | None = None
+    """With ``word``, ``verbose_json`` has the time of each word."""
+    stream: bool | None = None
+    vad_filter: bool | None = None
+    """Non-spec: leave out the parts without speech (voice-activity detection) before
+    transcribing; the times stay those of the whole audio."""
+    task: Literal["transcribe", "translate"] = "transcribe"
+    """``translate``: English text whatever language is spoken."""
+
+    @property
+    def word_timestamps(self) -> bool:
+        return "word" in (self.timestamp_granularities or ())
 
 
 class ImageToTextRequest(Request, kw_only=True, omit_defaults=True):
@@ -515,6 +534,20 @@ class TranscriptionSegment(Struct, kw_only=True):
     start: float
     end: float
     text: str
+    seek: int = 0
+    """Where the window this segment was decoded in starts, in 10 ms frames."""
+    tokens: list[int] = []
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+
+
+class TranscriptionWord(Struct, kw_only=True):
+    word: str
+    start: float
+    end: float
+    probability: float | None = None
 
 
 class TranscriptionResult(Struct, kw_only=True):
@@ -522,6 +555,57 @@ class TranscriptionResult(Struct, kw_only=True):
     language: str | None = None
     duration: float | None = None
     segments: list[TranscriptionSegment] = []
+    words: list[TranscriptionWord] = []
+    """Every word with its time, when the request asked for ``word`` timestamps."""
+
+
+SpeechFormat = Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]
+
+
+class VoiceId(Struct, kw_only=True):
+    id: str
+
+
+class SpeechRequest(Request, kw_only=True, omit_defaults=True):
+    """Text to speech (``/v1/audio/speech``)."""
+
+    model: str
+    input: Annotated[str, Meta(min_length=1, max_length=4096)]
+    voice: str | VoiceId | None = None
+    """One of the model's voices; its default voice when omitted."""
+    response_format: SpeechFormat = "mp3"
+    speed: Annotated[float, Meta(ge=0.25, le=4.0)] = 1.0
+    stream_format: Literal["audio", "sse"] = "audio"
+    """``audio``: the audio file, sent as it is synthesized; ``sse``: server-sent events
+    ``speech.audio.delta`` (base64 pieces of it), then ``speech.audio.done``."""
+    instructions: Annotated[str, Meta(max_length=4096)] | None = None
+
+    @property
+    def voice_name(self) -> str | None:
+        return self.voice.id if isinstance(self.voice, VoiceId) else self.voice
+
+
+class AudioChunk(Struct, kw_only=True):
+    """A piece of synthesized speech: 16-bit signed little-endian mono samples."""
+
+    pcm: bytes
+    sample_rate: int
+
+
+class SpeechResult(Struct, kw_only=True):
+    """What a text-to-speech engine returns once the audio went out as chunks."""
+
+    sample_rate: int
+    samples: int
+    """How many samples were sent."""
+    input_tokens: int = 0
+    """What the engine read (for Piper: phoneme ids)."""
+    output_tokens: int = 0
+    """What it generated (for Piper: audio frames)."""
+
+    @property
+    def duration(self) -> float:
+        return self.samples / self.sample_rate if self.sample_rate else 0.0
 
 
 class ImageToTextResult(Struct, kw_only=True):

@@ -46,6 +46,8 @@ from lllms_core.schemas import (
     ImageToTextResult,
     RerankRequest,
     RerankResult,
+    SpeechRequest,
+    SpeechResult,
     TextCompletionRequest,
     TokenizeRequest,
     TokenizeResult,
@@ -145,7 +147,49 @@ def leaves(group: BaseExceptionGroup) -> list[BaseException]:
     return found
 
 
-class CompletionStream:
+class TaskStream:
+    """The chunks of one task as they are produced, then its result.
+
+    Iterate it for the chunks (completion text, transcribed text, audio); an error
+    while producing them is raised from the iteration. Once exhausted, ``result``
+    is what the engine returned.
+    """
+
+    def __init__(self, model: str):
+        self.model = model
+        self.result: Any = None
+        self.error: LllmsError | None = None
+        self.started_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        """When the first chunk came."""
+        self._send, self._receive = trio.open_memory_channel(math.inf)
+
+    def _push(self, chunk: Any) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self._send.send_nowait(chunk)
+
+    def _finish(self, result: Any) -> None:
+        self.result = result
+        self._send.close()
+
+    def _fail(self, error: LllmsError) -> None:
+        self.error = error
+        self._send.close()
+
+    def __aiter__(self) -> "TaskStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            if self.error is not None:
+                raise self.error from None
+            raise StopAsyncIteration from None
+
+
+class CompletionStream(TaskStream):
     """The chunks of one completion as they are generated, then its result.
 
     Iterate it for :class:`CompletionChunk`s; an error during generation is raised
@@ -153,20 +197,14 @@ class CompletionStream:
     """
 
     def __init__(self, model: str, choices: int, fingerprint: str | None):
+        super().__init__(model)
         self.id = f"cmpl-{secrets.token_hex(12)}"
-        self.model = model
         self.created = int(time.time())
         self.system_fingerprint = fingerprint
         self.choices = [Choice(index=index) for index in range(choices)]
         self.usage = Usage()
-        self.error: LllmsError | None = None
-        self.started_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self._send, self._receive = trio.open_memory_channel(math.inf)
 
     def _push(self, chunk: CompletionChunk) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
         choice = self.choices[chunk.index]
         if chunk.logprobs:
             if choice.logprobs is None:
@@ -181,7 +219,7 @@ class CompletionStream:
                 )
             call = choice.tool_calls[delta.index]
             call.function.arguments += delta.arguments
-        self._send.send_nowait(chunk)
+        super()._push(chunk)
 
     def _finish(self, result: CompletionResult) -> None:
         for choice, reason in zip(self.choices, result.finish_reasons):
@@ -189,22 +227,7 @@ class CompletionStream:
         for choice, stop in zip(self.choices, result.stop_sequences):
             choice.stop_sequence = stop
         self.usage = result.usage
-        self._send.close()
-
-    def _fail(self, error: LllmsError) -> None:
-        self.error = error
-        self._send.close()
-
-    def __aiter__(self) -> "CompletionStream":
-        return self
-
-    async def __anext__(self) -> CompletionChunk:
-        try:
-            return await self._receive.receive()
-        except trio.EndOfChannel:
-            if self.error is not None:
-                raise self.error from None
-            raise StopAsyncIteration from None
+        super()._finish(result)
 
     def completion(self) -> Completion:
         return Completion(
@@ -215,6 +238,60 @@ class CompletionStream:
             usage=self.usage,
             system_fingerprint=self.system_fingerprint,
         )
+
+
+class SpeechAudio(msgspec.Struct, kw_only=True):
+    """Synthesized speech, encoded: what :meth:`ModelServer.text_to_speech` returns."""
+
+    audio: bytes
+    media_type: str
+    result: SpeechResult
+
+
+class ModelCalls:
+    """The models of a server, as an engine's task may call them (``TaskContext.models``).
+
+    The methods are the :class:`ModelServer`'s. A request made through it is part of the
+    task that made it: it waits for a slot of its model like any other request, but not
+    for the server's concurrency limit nor against its queue limit, which the task passed
+    already (waiting for the gate while holding a slot could wait forever). It is
+    cancelled with the task. A model may not call itself, directly or through others.
+    """
+
+    def __init__(self, server: "ModelServer", callers: tuple[str, ...]):
+        self._server = server
+        self.callers = callers
+        """The models whose tasks lead to this one, outermost first."""
+
+    def stream_chat_completion(self, request: ChatCompletionRequest | dict):
+        return self._server.stream_chat_completion(request, _callers=self.callers)
+
+    def stream_text_completion(self, request: TextCompletionRequest | dict):
+        return self._server.stream_text_completion(request, _callers=self.callers)
+
+    async def chat_completion(self, request: ChatCompletionRequest | dict) -> Completion:
+        return await self._server.chat_completion(request, _callers=self.callers)
+
+    async def text_completion(self, request: TextCompletionRequest | dict) -> Completion:
+        return await self._server.text_completion(request, _callers=self.callers)
+
+    async def embedding(self, request: EmbeddingRequest | dict) -> EmbeddingResult:
+        return await self._server.embedding(request, _callers=self.callers)
+
+    async def speech_to_text(self, request: TranscriptionRequest | dict) -> TranscriptionResult:
+        return await self._server.speech_to_text(request, _callers=self.callers)
+
+    def stream_speech_to_text(self, request: TranscriptionRequest | dict):
+        return self._server.stream_speech_to_text(request, _callers=self.callers)
+
+    async def text_to_speech(self, request: SpeechRequest | dict) -> SpeechAudio:
+        return await self._server.text_to_speech(request, _callers=self.callers)
+
+    def stream_text_to_speech(self, request: SpeechRequest | dict):
+        return self._server.stream_text_to_speech(request, _callers=self.callers)
+
+    async def image_to_text(self, request: ImageToTextRequest | dict) -> ImageToTextResult:
+        return await self._server.image_to_text(request, _callers=self.callers)
 
 
 class ModelServer:
@@ -232,6 +309,8 @@ class ModelServer:
         for model in self.config.models.values():
             if model.engine not in self.engines:
                 self.engines[model.engine] = self.plugins.engines[model.engine](self.store, self.plugins.samplers)
+        for model in self.config.models.values():
+            self.engines[model.engine].check_model(model, self.config)
         self.wait_ready = wait_ready
         self.pool: ModelPool | None = None
         self.fingerprints = {
@@ -302,14 +381,19 @@ class ModelServer:
         return self.status()
 
     # --- requests -------------------------------------------------------------
+    # ``_callers``: the models whose tasks make this request (see ModelCalls); empty for a client's.
 
-    def _resolve(self, task_name: str, request: Any):
+    def _resolve(self, task_name: str, request: Any, callers: tuple[str, ...] = ()):
         task = self.plugins.tasks[task_name]
         if isinstance(request, dict):
             request = parse_request(request, task.request)
         model = self.config.models.get(request.model)
         if model is None:
             raise ModelNotFoundError(f"The model {request.model!r} does not exist", param="model")
+        if model.id in callers:
+            raise InvalidRequestError(
+                f"model {model.id!r} calls itself (through {' → '.join(callers)})", param="model"
+            )
         if task_name not in tasks_served(model.task):
             raise InvalidRequestError(
                 f"model {model.id!r} is a {model.task} model; it does not serve {task_name}", param="model"
@@ -344,44 +428,45 @@ class ModelServer:
             return None
         return await trio.to_thread.run_sync(engine.check_request, model, request)
 
+    def _timed_out(self) -> RequestTimeoutError:
+        return RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s")
+
+    def _task_context(
+        self, slot, callers: tuple[str, ...], audio=None, images: RequestImages | None = None, checked: Any = None
+    ) -> TaskContext:
+        context = slot.task_context()
+        models = ModelCalls(self, (*callers, context.model.id))
+        return msgspec.structs.replace(
+            context, models=models, audio=audio, images=images or RequestImages(), checked=checked
+        )
+
+    async def _decoded(self, engine: Engine, request: TranscriptionRequest):
+        """The request's audio, decoded for the engine (before it waits for a slot)."""
+        from lllms_core import audio
+
+        return await audio.decode(request.audio, engine.audio_sample_rate, self.config.audio)
+
     @asynccontextmanager
-    async def _stream(self, task_name: str, request: Any, key_of) -> AsyncIterator[CompletionStream]:
-        model, engine, task, request = self._resolve(task_name, request)
-        checked = await self._check(engine, model, request)
-        assert self.pool is not None
-        images = await self._images(task, request)
-        lease = self.pool.acquire(model.id, key_of(request))
-        stream = CompletionStream(model.id, request.choices, self.fingerprints[model.id])
+    async def _open_stream(self, lease, stream: TaskStream, engine: Engine, work) -> AsyncIterator[TaskStream]:
+        """Run ``await work(slot)`` on the lease's slot in a task of the server, into ``stream``:
+        its result finishes the stream, its error fails it. Leaving the block cancels it."""
         scope = trio.CancelScope()
-        self._generations.start_soon(self._generate, lease, engine, task, request, images, checked, stream, scope)
+        self._generations.start_soon(self._produce, lease, stream, engine, work, scope)
         try:
             yield stream
         finally:
-            scope.cancel()  # the consumer is gone: stop generating; a busy slot frees itself
+            scope.cancel()  # the consumer is gone: stop producing; a busy slot frees itself
             lease.leave_queue()
 
-    async def _generate(
-        self, lease, engine: Engine, task, request, images: RequestImages, checked, stream: CompletionStream, scope
-    ) -> None:
+    async def _produce(self, lease, stream: TaskStream, engine: Engine, work, scope: trio.CancelScope) -> None:
         with scope:
             try:
                 with self._deadline():
                     async with lease as slot:
-                        slot.context_key = ()  # unknown until the task ends well
-                        keep_alive(slot, request)
-                        push = stream._push
-                        separator = self._reasoning_separator(slot, request)
-                        if separator is not None:
-                            push = lambda chunk: stream._push(separator.split(chunk))  # noqa: E731
-                        context = msgspec.structs.replace(slot.task_context(), images=images, checked=checked)
-                        result = await getattr(engine, task.method)(context, request, ChunkSink(push))
-                        for chunk in separator.flush() if separator is not None else ():
-                            stream._push(chunk)
-                        slot.fresh = False
-                        slot.context_key = self._key_after(request, stream)
+                        result = await work(slot)
                 stream._finish(result)
             except trio.TooSlowError:
-                stream._fail(RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s"))
+                stream._fail(self._timed_out())
             except LllmsError as error:
                 stream._fail(error)
             except Exception as error:
@@ -389,6 +474,33 @@ class ModelServer:
                 stream._fail(EngineError(f"engine {engine.name!r} failed: {type(error).__name__}"))
             finally:
                 lease.withdraw()
+
+    @asynccontextmanager
+    async def _stream(self, task_name: str, request: Any, key_of, callers: tuple[str, ...]) -> AsyncIterator[CompletionStream]:
+        model, engine, task, request = self._resolve(task_name, request, callers)
+        checked = await self._check(engine, model, request)
+        assert self.pool is not None
+        images = await self._images(task, request)
+        lease = self.pool.acquire(model.id, key_of(request), nested=bool(callers))
+        stream = CompletionStream(model.id, request.choices, self.fingerprints[model.id])
+
+        async def generate(slot):
+            slot.context_key = ()  # unknown until the task ends well
+            keep_alive(slot, request)
+            push = stream._push
+            separator = self._reasoning_separator(slot, request)
+            if separator is not None:
+                push = lambda chunk: stream._push(separator.split(chunk))  # noqa: E731
+            context = self._task_context(slot, callers, images=images, checked=checked)
+            result = await getattr(engine, task.method)(context, request, ChunkSink(push))
+            for chunk in separator.flush() if separator is not None else ():
+                stream._push(chunk)
+            slot.fresh = False
+            slot.context_key = self._key_after(request, stream)
+            return result
+
+        async with self._open_stream(lease, stream, engine, generate) as opened:
+            yield opened
 
     @staticmethod
     def _reasoning_separator(slot, request: Any) -> ReasoningSeparator | None:
@@ -409,11 +521,11 @@ class ModelServer:
         prompt = request.prompts[0]
         return text_key(prompt + choice.text) if isinstance(prompt, str) else ()
 
-    def stream_chat_completion(self, request: ChatCompletionRequest | dict):
+    def stream_chat_completion(self, request: ChatCompletionRequest | dict, *, _callers: tuple[str, ...] = ()):
         """``async with server.stream_chat_completion(request) as stream: async for chunk in stream``."""
-        return self._stream("chat-completion", request, lambda r: chat_key(r.messages[:-1]))
+        return self._stream("chat-completion", request, lambda r: chat_key(r.messages[:-1]), _callers)
 
-    def stream_text_completion(self, request: TextCompletionRequest | dict):
+    def stream_text_completion(self, request: TextCompletionRequest | dict, *, _callers: tuple[str, ...] = ()):
         """One prompt per call (the HTTP API runs a list of prompts as one call each)."""
 
         def key(r: TextCompletionRequest) -> ContextKey:
@@ -424,51 +536,102 @@ class ModelServer:
                 )
             return text_key(prompts[0]) if isinstance(prompts[0], str) else ()
 
-        return self._stream("text-completion", request, key)
+        return self._stream("text-completion", request, key, _callers)
 
-    async def chat_completion(self, request: ChatCompletionRequest | dict) -> Completion:
-        async with self.stream_chat_completion(request) as stream:
+    async def chat_completion(self, request: ChatCompletionRequest | dict, *, _callers: tuple[str, ...] = ()) -> Completion:
+        async with self.stream_chat_completion(request, _callers=_callers) as stream:
             async for _ in stream:
                 pass
         return stream.completion()
 
-    async def text_completion(self, request: TextCompletionRequest | dict) -> Completion:
-        async with self.stream_text_completion(request) as stream:
+    async def text_completion(self, request: TextCompletionRequest | dict, *, _callers: tuple[str, ...] = ()) -> Completion:
+        async with self.stream_text_completion(request, _callers=_callers) as stream:
             async for _ in stream:
                 pass
         return stream.completion()
 
-    async def _run(self, task_name: str, request: Any, method: str | None = None):
+    async def _run(self, task_name: str, request: Any, callers: tuple[str, ...] = (), method: str | None = None):
         """Run a task that does not stream in a slot of its model; ``method``: another engine
         method than the task's (the core's own way of doing the task)."""
-        model, engine, task, request = self._resolve(task_name, request)
+        model, engine, task, request = self._resolve(task_name, request, callers)
         checked = await self._check(engine, model, request)
         assert self.pool is not None
         run = getattr(self, method) if method else getattr(engine, task.method)
         images = await self._images(task, request)
+        audio = await self._decoded(engine, request) if task_name == "speech-to-text" else None
         try:
             with self._deadline():
-                async with self.pool.acquire(model.id) as slot:
+                async with self.pool.acquire(model.id, nested=bool(callers)) as slot:
                     keep_alive(slot, request)
-                    context = msgspec.structs.replace(slot.task_context(), images=images, checked=checked)
-                    return await run(context, request)
+                    return await run(self._task_context(slot, callers, audio, images, checked), request)
         except trio.TooSlowError:
-            raise RequestTimeoutError(f"the request took longer than {self.config.server.request_timeout} s") from None
+            raise self._timed_out() from None
         except LllmsError:
             raise
         except Exception as error:
             log.exception("engine %r failed", engine.name)
             raise EngineError(f"engine {engine.name!r} failed: {type(error).__name__}") from None
 
-    async def embedding(self, request: EmbeddingRequest | dict) -> EmbeddingResult:
-        return await self._run("embedding", request)
+    async def embedding(self, request: EmbeddingRequest | dict, *, _callers: tuple[str, ...] = ()) -> EmbeddingResult:
+        return await self._run("embedding", request, _callers)
 
-    async def speech_to_text(self, request: TranscriptionRequest | dict) -> TranscriptionResult:
-        return await self._run("speech-to-text", request)
+    async def speech_to_text(
+        self, request: TranscriptionRequest | dict, *, _callers: tuple[str, ...] = ()
+    ) -> TranscriptionResult:
+        """Transcribe ``request.audio`` (or translate it to English, ``task="translate"``)."""
+        return await self._run("speech-to-text", request, _callers)
 
-    async def image_to_text(self, request: ImageToTextRequest | dict) -> ImageToTextResult:
+    @asynccontextmanager
+    async def stream_speech_to_text(
+        self, request: TranscriptionRequest | dict, *, _callers: tuple[str, ...] = ()
+    ) -> AsyncIterator[TaskStream]:
+        """``async with server.stream_speech_to_text(request) as stream``: the text as it is
+        recognised (:class:`CompletionChunk` deltas), then ``stream.result``, the
+        :class:`TranscriptionResult`. Audio that cannot be decoded is refused on entering."""
+        model, engine, task, request = self._resolve("speech-to-text", request, _callers)
+        assert self.pool is not None
+        audio = await self._decoded(engine, request)
+        lease = self.pool.acquire(model.id, nested=bool(_callers))
+        stream = TaskStream(model.id)
+
+        async def transcribe(slot):
+            context = self._task_context(slot, _callers, audio)
+            return await engine.stream_speech_to_text(context, request, ChunkSink(stream._push))
+
+        async with self._open_stream(lease, stream, engine, transcribe) as opened:
+            yield opened
+
+    def stream_text_to_speech(self, request: SpeechRequest | dict, *, _callers: tuple[str, ...] = ()):
+        """``async with server.stream_text_to_speech(request) as stream``: the audio as it is
+        synthesized (:class:`AudioChunk`s of 16-bit PCM; :class:`lllms_core.audio.StreamEncoder`
+        encodes them), then ``stream.result``, the :class:`SpeechResult`."""
+        model, engine, task, request = self._resolve("text-to-speech", request, _callers)
+        assert self.pool is not None
+        lease = self.pool.acquire(model.id, nested=bool(_callers))
+        stream = TaskStream(model.id)
+
+        async def speak(slot):
+            return await engine.text_to_speech(self._task_context(slot, _callers), request, ChunkSink(stream._push))
+
+        return self._open_stream(lease, stream, engine, speak)
+
+    async def text_to_speech(self, request: SpeechRequest | dict, *, _callers: tuple[str, ...] = ()) -> SpeechAudio:
+        """Speak ``request.input``: the whole audio, encoded in ``request.response_format``."""
+        from lllms_core.audio import MEDIA_TYPES, StreamEncoder
+
+        if isinstance(request, dict):
+            request = self._resolve("text-to-speech", request, _callers)[3]
+        encoder = StreamEncoder(request.response_format)
+        pieces = []
+        async with self.stream_text_to_speech(request, _callers=_callers) as stream:
+            async for chunk in stream:
+                pieces.append(await encoder.encode(chunk))
+        pieces.append(await encoder.finish())
+        return SpeechAudio(audio=b"".join(pieces), media_type=MEDIA_TYPES[request.response_format], result=stream.result)
+
+    async def image_to_text(self, request: ImageToTextRequest | dict, *, _callers: tuple[str, ...] = ()) -> ImageToTextResult:
         """Caption or read an image (``prompt``: what to ask, for models that take one)."""
-        return await self._run("image-to-text", request)
+        return await self._run("image-to-text", request, _callers)
 
     async def image_generation(self, request: ImageGenerationRequest | dict) -> ImageGenerationResult:
         """Generate images from a prompt, or edit ``request.image`` (Pillow images back)."""

@@ -13,20 +13,29 @@ relative to the cache directory); else derived from ``url``:
 A split GGUF (``name-00001-of-00003.gguf``) is downloaded whole; its location is
 the first part, which llama.cpp loads the others from. When ``url`` and ``file`` or
 ``location`` are both given, the download goes to that path.
+
+A model with ``files`` is a folder the store assembles once in the cache
+(``<cache>/assembled/<model id>-<hash of its sources>/``): each file a link to its
+source (fetched as above), or the parts of a split file joined in order; with
+``url``/``file``/``location`` too, what they name is linked in beside them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
+import msgspec
 import trio
 
 from lllms_core.config import Config, ModelConfig, cache_dir
@@ -66,8 +75,15 @@ def _is_hf_url(url: str) -> bool:
     return parts.hostname in HF_HOSTS or parts.netloc == urlsplit(hf_endpoint()).netloc
 
 
+def assembled_folder(model: ModelConfig, cache: Path) -> Path:
+    """Where the folder of a model with ``files`` is assembled: named by the model and a
+    hash of its sources, so that another configuration never reuses a stale folder."""
+    sources = msgspec.json.encode([model.files, model.url, model.file, model.location])
+    return cache / "assembled" / f"{model.id}-{hashlib.sha256(sources).hexdigest()[:12]}"
+
+
 def model_files(model: ModelConfig, cache: Path) -> list[ModelFile]:
-    """The files ``model`` needs, its location first; empty when it needs none."""
+    """The files ``model`` needs (besides its ``files``), its location first; empty when it needs none."""
     explicit = _explicit_path(model, cache)
     if not model.url:
         return [ModelFile(explicit, None)] if explicit else []
@@ -225,8 +241,11 @@ class ModelStore:
         self._transfers: list[Transfer] = []
 
     def location(self, model: ModelConfig) -> Path | None:
-        """Where the model's file (the first part of a split GGUF) is or will be downloaded;
-        None for a model without a file. Raises ConfigError/ModelLoadError for a bad source."""
+        """Where the model's file (the first part of a split GGUF) is or will be downloaded,
+        or its assembled folder; None for a model without a file. Raises
+        ConfigError/ModelLoadError for a bad source."""
+        if model.files:
+            return assembled_folder(model, self.cache_dir)
         files = model_files(model, self.cache_dir)
         return files[0].path if files else None
 
@@ -268,6 +287,29 @@ class ModelStore:
         return prepared
 
     async def _fetch(self, model: ModelConfig) -> Path | None:
+        location = await self._fetch_named(model)
+        if model.files:
+            return await self._assemble(model, location)
+        return location
+
+    async def _assemble(self, model: ModelConfig, base: Path | None) -> Path:
+        """The folder of a model with ``files``; see the module's docstring."""
+        sources = {
+            name: [await self.companion(model, **source_fields(source)) for source in (spec if isinstance(spec, list) else [spec])]
+            for name, spec in model.files.items()
+        }
+        if base is not None:
+            entries = list(base.iterdir()) if base.is_dir() else [base]
+            for entry in entries:
+                sources.setdefault(entry.name, [entry])
+        folder = assembled_folder(model, self.cache_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        async with file_lock(folder.with_name(folder.name + ".lock")):
+            await trio.to_thread.run_sync(_assemble_folder, folder, sources)
+        return folder
+
+    async def _fetch_named(self, model: ModelConfig) -> Path | None:
+        """Fetch what ``url``/``file``/``location`` name; return the location."""
         files = model_files(model, self.cache_dir)
         # a split model's checksum is that of its first part, its location
         expected = _expected_digests(model.sha256, model.md5)
@@ -287,7 +329,7 @@ class ModelStore:
         :meth:`status`) and verified against ``sha256``."""
         import msgspec
 
-        companion = msgspec.structs.replace(model, url=url, file=file, location=None, sha256=sha256, md5=None)
+        companion = msgspec.structs.replace(model, url=url, file=file, location=None, sha256=sha256, md5=None, files={})
         location = await self._fetch(companion)
         if location is None:
             raise ConfigError(f"model {model.id!r}: a companion file needs a url or a file")
@@ -390,6 +432,50 @@ class ModelStore:
                 ],
             }
         return report
+
+
+def source_fields(source: str) -> dict[str, str]:
+    """A source as :meth:`ModelStore.companion` takes it: ``url`` for a URL (http(s),
+    ``hf://``, ``package://``), else ``file`` (a path, absolute or relative to the cache)."""
+    remote = urlsplit(source).scheme in ("http", "https", "hf", "package")
+    return {"url": source} if remote else {"file": source}
+
+
+def _fingerprint(paths: list[Path]) -> list[list]:
+    """What a joined file was made of: each part's path, size and modification time."""
+    return [[str(path), stat.st_size, stat.st_mtime_ns] for path in paths for stat in [path.stat()]]
+
+
+def _assemble_folder(folder: Path, sources: dict[str, list[Path]]) -> None:
+    """Link or join each file of ``folder`` (blocking; under the folder's lock). A joined file
+    is made again only when its parts changed; it appears whole (written aside, then renamed)."""
+    record = folder / ".parts.json"
+    made = json.loads(record.read_text()) if record.exists() else {}
+    for name, paths in sources.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if len(paths) == 1:
+            source = paths[0].absolute()
+            if target.is_symlink() and target.readlink() == source:
+                continue
+            if target.is_symlink() or target.exists():
+                target.unlink()
+            target.symlink_to(source)
+            continue
+        fingerprint = _fingerprint(paths)
+        if target.is_file() and not target.is_symlink() and made.get(name) == fingerprint:
+            continue
+        log.info("joining %d parts into %s", len(paths), target)
+        partial = target.with_name(target.name + ".part")
+        with open(partial, "wb") as output:
+            for path in paths:
+                with open(path, "rb") as part:
+                    shutil.copyfileobj(part, output, 1024 * 1024)
+        if target.is_symlink():
+            target.unlink()
+        os.replace(partial, target)
+        made[name] = fingerprint
+        record.write_text(json.dumps(made))
 
 
 def _expected_digests(sha256: str | None, md5: str | None) -> dict[str, str]:

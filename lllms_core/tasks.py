@@ -15,6 +15,7 @@ from lllms_core.schemas import (
     ImageGenerationRequest,
     ImageToTextRequest,
     RerankRequest,
+    SpeechRequest,
     TextCompletionRequest,
     TokenizeRequest,
     TranscriptionRequest,
@@ -92,11 +93,21 @@ IMAGE_GENERATION_FEATURES = (
     Feature("negative_prompt", "negative_prompt", lambda r: bool(r.negative_prompt)),
 )
 
+TRANSCRIPTION_FEATURES = (
+    Feature("translate", "task", lambda r: r.task == "translate"),
+    Feature("word_timestamps", "timestamp_granularities", lambda r: r.word_timestamps),
+    Feature("vad_filter", "vad_filter", lambda r: bool(r.vad_filter)),
+)
+SPEECH_FEATURES = (
+    Feature("instructions", "instructions", lambda r: bool(r.instructions)),
+)
+
 BUILTIN_TASKS = (
     Task("chat-completion", ChatCompletionRequest, "chat_completion", CHAT_FEATURES, streams=True, images=chat_image_sources),
     Task("text-completion", TextCompletionRequest, "text_completion", TEXT_FEATURES, streams=True),
     Task("embedding", EmbeddingRequest, "embedding", EMBEDDING_FEATURES, images=_embedding_images),
-    Task("speech-to-text", TranscriptionRequest, "speech_to_text"),
+    Task("speech-to-text", TranscriptionRequest, "speech_to_text", TRANSCRIPTION_FEATURES, streams=True),
+    Task("text-to-speech", SpeechRequest, "text_to_speech", SPEECH_FEATURES, streams=True),
     Task("image-to-text", ImageToTextRequest, "image_to_text", images=lambda r: [(r.image, "image")]),
     Task("image-generation", ImageGenerationRequest, "image_generation", IMAGE_GENERATION_FEATURES, images=_edit_images),
     Task("rerank", RerankRequest, "rerank"),

@@ -10,6 +10,7 @@ import struct
 import httpx
 import openai
 import pytest
+from helpers.sound import tone_wav
 from helpers.openai_schema import (
     async_openai_client,
     openai_client,
@@ -285,13 +286,13 @@ def test_embedding_dimensions(client):
 
 # --- transcriptions ------------------------------------------------------------------
 
-AUDIO = ("clip.wav", b"RIFF" + bytes(100), "audio/wav")
+AUDIO = ("clip.wav", tone_wav(0.5), "audio/wav")
 
 
 @pytest.mark.parametrize("response_format", ["json", "text", "srt", "verbose_json", "vtt"])
 def test_transcription_formats(client, http, response_format):
     result = client.audio.transcriptions.create(model="whisper", file=AUDIO, response_format=response_format, temperature=0)
-    text = "fake transcription of 104 bytes"
+    text = f"fake transcription of {len(AUDIO[1])} bytes"
     response = http.post(
         "/v1/audio/transcriptions", files={"file": AUDIO}, data={"model": "whisper", "response_format": response_format}
     )

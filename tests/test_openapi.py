@@ -12,6 +12,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from helpers.openai_schema import parse_sse
+from helpers.sound import tone_wav
 from lllms_core.api.openapi import openapi_document
 from lllms_core.schemas import ChatCompletionRequest, EmbeddingRequest, TextCompletionRequest
 from lllms_core.server import ModelServer
@@ -174,7 +175,7 @@ def documented(response: httpx.Response, template: str | None = None) -> list:
     content = described.get("content", {})
     assert media_type in content, f"{request.method} {path} {response.status_code}: undocumented {media_type}"
     if media_type == "text/event-stream":
-        bodies, _ = parse_sse(response.text.splitlines())
+        bodies, _ = parse_sse(response.text.splitlines(), require_done=not path.startswith("/v1/audio/"))
         component = content[media_type]["x-event-schema"]["$ref"].rsplit("/", 1)[1]
     elif media_type == "application/json":
         bodies = [response.json()]
@@ -214,7 +215,7 @@ def test_responses_of_a_running_server_match_the_document(http):
     for response_format in ("json", "verbose_json", "text", "srt", "vtt"):
         response = http.post(
             "/v1/audio/transcriptions",
-            files={"file": ("a.wav", b"RIFF0000", "audio/wav")},
+            files={"file": ("a.wav", tone_wav(0.2), "audio/wav")},
             data={"model": "whisper", "response_format": response_format},
         )
         documented(response)
@@ -250,3 +251,30 @@ def test_every_route_of_the_app_is_in_the_document():
         assert path in paths, f"{rule.rule} is not in /openapi.json"
         for method in rule.methods - {"HEAD", "OPTIONS"}:
             assert method.lower() in paths[path], f"{method} {rule.rule} is not in /openapi.json"
+
+
+def test_audio_responses_of_a_running_server_match_the_document(server_factory):
+    server = server_factory(
+        {
+            "models": {
+                "ears": {"engine": "fake", "task": "speech-to-text"},
+                "voice": {"engine": "fake", "task": "text-to-speech"},
+            }
+        }
+    )
+    with httpx.Client(base_url=server.base_url, timeout=20) as http:
+        audio = {"file": ("a.wav", tone_wav(0.2), "audio/wav")}
+        for path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+            [body] = documented(http.post(path, files=audio, data={"model": "ears", "response_format": "verbose_json"}))
+            assert body["task"] == ("translate" if path.endswith("translations") else "transcribe")
+        events = documented(http.post("/v1/audio/transcriptions", files=audio, data={"model": "ears", "stream": "true"}))
+        assert [event["type"] for event in events] == ["transcript.text.delta", "transcript.text.done"]
+        speech = {"model": "voice", "input": "one two", "voice": "low"}
+        for response_format in ("mp3", "opus", "aac", "flac", "wav", "pcm"):
+            response = http.post("/v1/audio/speech", json={**speech, "response_format": response_format})
+            documented(response)
+            assert response.status_code == 200 and response.content
+        events = documented(http.post("/v1/audio/speech", json={**speech, "stream_format": "sse"}))
+        assert events[-1]["type"] == "speech.audio.done"
+        [error] = documented(http.post("/v1/audio/speech", json={**speech, "voice": "alto"}))
+        assert error["error"]["param"] == "voice"

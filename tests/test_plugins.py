@@ -62,22 +62,22 @@ def test_a_plugin_that_fails_to_import_is_skipped_and_reported(tmp_path, monkeyp
     assert "broken" in caplog.text
 
 
-class TextToSpeechRequest(Request, kw_only=True):
+class TextToMusicRequest(Request, kw_only=True):
     model: str
     input: str
 
 
-class SpeechTask:
+class MusicTask:
     @hookimpl
     def register_tasks(self, register):
-        register(Task("text-to-speech", TextToSpeechRequest, "text_to_speech"))
+        register(Task("text-to-music", TextToMusicRequest, "text_to_music"))
 
 
 def test_hook_register_tasks_adds_a_task_type():
     manager = get_plugin_manager()
-    manager.register(SpeechTask())
-    assert manager.tasks["text-to-speech"].request is TextToSpeechRequest
-    assert {"chat-completion", "text-completion", "embedding", "speech-to-text", "image-to-text"} <= set(manager.tasks)
+    manager.register(MusicTask())
+    assert manager.tasks["text-to-music"].request is TextToMusicRequest
+    assert {"chat-completion", "text-completion", "embedding", "speech-to-text", "text-to-speech", "image-to-text"} <= set(manager.tasks)
 
 
 class Mirostat:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers.sound import tone_wav
 
 from lllms_core.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, UnsupportedParameterError
 from lllms_core.server import ModelServer
@@ -66,8 +67,9 @@ async def test_embeddings_and_transcriptions(server):
     result = await server.embedding({"model": "embed", "input": ["a cat", "a dog"], "dimensions": 4})
     assert [len(vector) for vector in result.embeddings] == [4, 4]
     assert all(abs(sum(v * v for v in vector) - 1) < 1e-6 for vector in result.embeddings)
-    heard = await server.speech_to_text({"model": "ears", "audio": b"\x00" * 10})
-    assert heard.text == "fake transcription of 10 bytes"
+    wav = tone_wav(0.5)
+    heard = await server.speech_to_text({"model": "ears", "audio": wav})
+    assert heard.text == f"fake transcription of {len(wav)} bytes"
 
 
 async def test_requests_that_cannot_be_served_are_refused_before_anything_runs(server):

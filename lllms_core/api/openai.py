@@ -38,12 +38,9 @@ from lllms_core.schemas import (
     EmbeddingRequest,
     TextCompletionRequest,
     TokenLogprob,
-    TranscriptionRequest,
-    TranscriptionResult,
-    TranscriptionSegment,
     Usage,
 )
-from lllms_core.server import CompletionStream, validation_error
+from lllms_core.server import CompletionStream
 
 log = logging.getLogger("lllms.http")
 
@@ -457,86 +454,6 @@ async def embeddings() -> Response:
     ]
     usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
     return json_response({"object": "list", "data": data, "model": embedding.model, "usage": usage})
-
-
-TRANSCRIPTION_FIELDS = frozenset(TranscriptionRequest.__struct_fields__) - {"audio", "filename"}
-
-
-@api.post("/audio/transcriptions")
-async def transcriptions() -> Response:
-    form = await request.form
-    files = await request.files
-    upload = files.get("file")
-    if upload is None:
-        raise InvalidRequestError("`file` is required: the audio, sent as multipart/form-data", param="file")
-    fields = {name: value for name, value in form.items() if name in TRANSCRIPTION_FIELDS}
-    try:
-        transcription = msgspec.convert(
-            {**fields, "audio": upload.read(), "filename": upload.filename or "audio"},
-            TranscriptionRequest,
-            strict=False,
-        )
-    except msgspec.ValidationError as error:
-        raise validation_error(error) from None
-    result = await state().server.speech_to_text(transcription)
-    return transcription_response(result, transcription)
-
-
-def segments_of(result: TranscriptionResult) -> list[TranscriptionSegment]:
-    if result.segments:
-        return result.segments
-    return [TranscriptionSegment(id=0, start=0.0, end=result.duration or 0.0, text=result.text)]
-
-
-def timestamp(seconds: float, separator: str) -> str:
-    milliseconds = round(seconds * 1000)
-    hours, milliseconds = divmod(milliseconds, 3_600_000)
-    minutes, milliseconds = divmod(milliseconds, 60_000)
-    seconds_part, milliseconds = divmod(milliseconds, 1000)
-    return f"{hours:02d}:{minutes:02d}:{seconds_part:02d}{separator}{milliseconds:03d}"
-
-
-def transcription_response(result: TranscriptionResult, transcription: TranscriptionRequest) -> Response:
-    kind = transcription.response_format
-    if kind == "json":
-        return json_response({"text": result.text})
-    if kind == "verbose_json":
-        segments = [
-            {
-                "id": segment.id,
-                "seek": 0,
-                "start": segment.start,
-                "end": segment.end,
-                "text": segment.text,
-                "tokens": [],
-                "temperature": transcription.temperature or 0.0,
-                "avg_logprob": 0.0,
-                "compression_ratio": 0.0,
-                "no_speech_prob": 0.0,
-            }
-            for segment in segments_of(result)
-        ]
-        duration = result.duration if result.duration is not None else max((s["end"] for s in segments), default=0.0)
-        body = {
-            "task": "transcribe",
-            "language": result.language or transcription.language or "",
-            "duration": duration,
-            "text": result.text,
-            "segments": segments,
-        }
-        return json_response(body)
-    if kind == "text":
-        text, mimetype = result.text, "text/plain"
-    elif kind == "srt":
-        blocks = [
-            f"{number}\n{timestamp(s.start, ',')} --> {timestamp(s.end, ',')}\n{s.text.strip()}\n"
-            for number, s in enumerate(segments_of(result), start=1)
-        ]
-        text, mimetype = "\n".join(blocks), "text/plain"
-    else:
-        blocks = [f"{timestamp(s.start, '.')} --> {timestamp(s.end, '.')}\n{s.text.strip()}\n" for s in segments_of(result)]
-        text, mimetype = "WEBVTT\n\n" + "\n".join(blocks), "text/vtt"
-    return current_app.response_class(text, mimetype=mimetype)
 
 
 def model_body(app_state: AppState, model_id: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
+from lllms_core.audio import MEDIA_TYPES
 from lllms_core.schemas import (
     ChatCompletionRequest,
     DetokenizeRequest,
@@ -21,6 +22,7 @@ from lllms_core.schemas import (
     FinishReason,
     ImageGenerationRequest,
     RerankRequest,
+    SpeechRequest,
     TextCompletionRequest,
     TokenLogprob,
     TokenizeRequest,
@@ -181,14 +183,60 @@ class VerboseSegment(Struct, kw_only=True):
     no_speech_prob: float
 
 
+class Word(Struct, kw_only=True):
+    word: str
+    start: float
+    """Seconds from the start of the audio."""
+    end: float
+
+
+class DurationUsage(Struct, kw_only=True):
+    type: Literal["duration"]
+    seconds: float
+    """The duration of the audio."""
+
+
 class Transcription(Struct, kw_only=True):
-    """`response_format` json; `verbose_json` adds task, language, duration and segments."""
+    """`response_format` json; `verbose_json` adds task, language, duration and segments,
+    and with `timestamp_granularities[]=word` the words. A translation's `language` is `english`."""
 
     text: str
-    task: Literal["transcribe"] | UnsetType = UNSET
+    usage: DurationUsage | UnsetType = UNSET
+    task: Literal["transcribe", "translate"] | UnsetType = UNSET
     language: str | UnsetType = UNSET
     duration: float | UnsetType = UNSET
     segments: list[VerboseSegment] | UnsetType = UNSET
+    words: list[Word] | UnsetType = UNSET
+
+
+class TranscriptTextDelta(Struct, kw_only=True, tag_field="type", tag="transcript.text.delta"):
+    """More of the text (`stream: true`); the deltas joined are the text."""
+
+    delta: str
+
+
+class TranscriptTextDone(Struct, kw_only=True, tag_field="type", tag="transcript.text.done"):
+    """The last event of a streamed transcription."""
+
+    text: str
+
+
+class SpeechAudioDelta(Struct, kw_only=True, tag_field="type", tag="speech.audio.delta"):
+    """More of the audio (`stream_format: sse`), base64 of the bytes in `response_format`."""
+
+    audio: str
+
+
+class SpeechUsage(Struct, kw_only=True):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+class SpeechAudioDone(Struct, kw_only=True, tag_field="type", tag="speech.audio.done"):
+    """The last event of streamed speech."""
+
+    usage: SpeechUsage
 
 
 class GeneratedImage(Struct, kw_only=True):
@@ -376,18 +424,46 @@ def _edit_form(components: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": ["image", *fields.get("required", [])]}
 
 def _transcription_form(components: dict[str, Any]) -> dict[str, Any]:
-    """The multipart form of a transcription request: the Struct's fields, with the
-    audio as an uploaded ``file`` rather than the bytes the API decodes it into."""
+    """The multipart form of a transcription or translation request: the Struct's fields,
+    with the audio as an uploaded ``file`` rather than the bytes the API decodes it into,
+    and without ``task``, which the route sets."""
     fields = copy.deepcopy(components.pop(TranscriptionRequest.__name__))
     properties = {
         "file": {
             "type": "string",
             "contentMediaType": "application/octet-stream",
-            "description": "The audio file (wav, mp3, flac, ogg...).",
+            "description": "The audio file: any format FFmpeg reads (wav, mp3, flac, ogg, opus, webm, m4a...).",
         },
-        **{name: value for name, value in fields["properties"].items() if name not in ("audio", "filename")},
+        **{name: value for name, value in fields["properties"].items() if name not in ("audio", "filename", "task")},
     }
     return {"type": "object", "properties": properties, "required": ["file", *fields.get("required", [])]}
+
+
+def _events(name: str, *kinds: type) -> dict[str, Any]:
+    """A component that is one of several server-sent event bodies."""
+    return {name: {"oneOf": [_ref(kind) for kind in kinds]}}
+
+
+def _transcription_route(operation_id: str, summary: str, form: dict[str, Any]) -> dict[str, Any]:
+    return _post(
+        operation_id,
+        summary,
+        {"multipart/form-data": {"schema": form}},
+        {
+            "description": "The text: JSON for `json` and `verbose_json`, plain text for `text`, "
+            "`srt` and `vtt`; with `stream: true`, server-sent events `transcript.text.delta`, "
+            "then `transcript.text.done`.",
+            "content": {
+                "application/json": {"schema": _ref(Transcription)},
+                "text/plain": {"schema": {"type": "string"}},
+                "text/vtt": {"schema": {"type": "string"}},
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "x-event-schema": {"$ref": REF.format(name="TranscriptionStreamEvent")},
+                },
+            },
+        },
+    )
 
 
 @cache
@@ -396,10 +472,11 @@ def openapi_document() -> dict[str, Any]:
     from importlib.metadata import version
 
     response_kinds = (ChatCompletion, ChatCompletionChunk, TextCompletion, EmbeddingList, Transcription,
+                      TranscriptTextDelta, TranscriptTextDone, SpeechAudioDelta, SpeechAudioDone,
                       ModelList, Model, Error, ServerStatus, Health)
     response_kinds += (ImagesResponse,)
     request_kinds = (ChatCompletionRequest, TextCompletionRequest, EmbeddingRequest, TranscriptionRequest,
-                     ImageGenerationRequest)
+                     ImageGenerationRequest, SpeechRequest)
     from lllms_core.api import anthropic, ollama, responses
 
     other_requests = (anthropic.MessagesRequest, anthropic.CountTokensRequest, responses.CreateResponse,
@@ -409,6 +486,9 @@ def openapi_document() -> dict[str, Any]:
     _without_internal_fields(components)
     transcription_form = _transcription_form(components)
     edit_form = _edit_form(components)
+    components.update(_events("TranscriptionStreamEvent", TranscriptTextDelta, TranscriptTextDone))
+    components.update(_events("SpeechStreamEvent", SpeechAudioDelta, SpeechAudioDone))
+    audio = {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
 
     alias = {"servers": [{"url": "/"}, {"url": ALIAS_BASE, "description": "The same routes under /openai"}]}
     paths: dict[str, Any] = {
@@ -441,17 +521,28 @@ def openapi_document() -> dict[str, Any]:
         },
         "/v1/audio/transcriptions": {
             **alias,
+            **_transcription_route("createTranscription", "Transcribe audio", transcription_form),
+        },
+        "/v1/audio/translations": {
+            **alias,
+            **_transcription_route("createTranslation", "Translate speech into English text", transcription_form),
+        },
+        "/v1/audio/speech": {
+            **alias,
             **_post(
-                "createTranscription",
-                "Transcribe audio",
-                {"multipart/form-data": {"schema": transcription_form}},
+                "createSpeech",
+                "Speak a text",
+                {"application/json": {"schema": _ref(SpeechRequest)}},
                 {
-                    "description": "The transcription: JSON for `json` and `verbose_json`, "
-                    "plain text for `text`, `srt` and `vtt`.",
+                    "description": "The audio in `response_format`, sent as it is synthesized (`pcm`: "
+                    "16-bit little-endian mono at 24 kHz); with `stream_format: sse`, server-sent events "
+                    "`speech.audio.delta`, then `speech.audio.done`.",
                     "content": {
-                        "application/json": {"schema": _ref(Transcription)},
-                        "text/plain": {"schema": {"type": "string"}},
-                        "text/vtt": {"schema": {"type": "string"}},
+                        **{media_type: audio for media_type in dict.fromkeys(MEDIA_TYPES.values())},
+                        "text/event-stream": {
+                            "schema": {"type": "string"},
+                            "x-event-schema": {"$ref": REF.format(name="SpeechStreamEvent")},
+                        },
                     },
                 },
             ),

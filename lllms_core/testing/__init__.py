@@ -141,6 +141,21 @@ def package_path(package: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def espeak_wav(path: Path, text: str, words_per_minute: int | None = None) -> Path:
+    """``text`` spoken by espeak-ng into the WAV file ``path``: test speech made offline
+    (``apt-get install espeak-ng``); the calling test is skipped when it is not installed."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    rate = ["-s", str(words_per_minute)] if words_per_minute else []
+    subprocess.run(["espeak-ng", *rate, "-w", str(path), text], check=True, capture_output=True, timeout=60)
+    return path
+
+
 def built_once(name: str, build, marker: str) -> Path:
     """``<test cache>/tiny-models/<name>``, made by ``build(directory)`` once across runs and
     processes (a file lock; the directory appears whole, once ``marker`` is in it)."""

@@ -5,8 +5,9 @@ Chat: answers ``reply`` if configured, else ``"You said: <last user text>"`` (an
 ``[image <width>x<height> <format>]`` for each image of the last message), one word per
 token; text completion: ``reply`` or ``"and then the story goes on"``. With tools it calls
 the first tool (or the one ``tool_choice`` names) with ``{"echo": <last user text>}``.
-Each slot remembers the words of its context, so cached tokens show context reuse.
-``EVENTS`` records loads, disposals and tasks for tests to inspect.
+Speech: a tone of 0.1 s per word of the input, one chunk per word, in the voices ``low``
+(the default) and ``high``. Each slot remembers the words of its context, so cached tokens
+show context reuse. ``EVENTS`` records loads, disposals and tasks for tests to inspect.
 
 Register it per test with ``lllms_core.testing.plugin_manager(fake)`` (this module is the
 plugin), or install the ``lllms-fake-engine`` distribution of lllms' tests, which declares
@@ -18,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import struct
 import time
 
 import msgspec
 import trio
 
 from lllms_core.plugin_api import (
+    AudioChunk,
     CompletionChunk,
     CompletionResult,
     DetokenizeResult,
@@ -31,10 +35,12 @@ from lllms_core.plugin_api import (
     Engine,
     EngineInstance,
     ImageGenerationResult,
+    ImageToTextResult,
     ImageUrlPart,
     InvalidRequestError,
     ModelLoadError,
     RerankResult,
+    SpeechResult,
     StopStringFilter,
     TextCompletionRequest,
     ThinkingBudget,
@@ -78,11 +84,15 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class FakeEngine(Engine):
     name = "fake"
-    tasks = frozenset({"chat-completion", "text-completion", "embedding", "speech-to-text", "rerank", "image-generation"})
+    tasks = frozenset(
+        {"chat-completion", "text-completion", "embedding", "speech-to-text", "text-to-speech", "rerank", "image-generation",
+         "image-to-text"}  # fmt: skip
+    )
     default_task = "chat-completion"
     options = FakeOptions
     capabilities = frozenset(
-        {"temperature", "top_p", "seed", "n", "logprobs", "tools", "echo", "pooling", "reasoning_budget", "vision", "image_edit"}
+        {"temperature", "top_p", "seed", "n", "logprobs", "tools", "echo", "pooling", "reasoning_budget", "vision",
+         "image_edit", "translate"}  # fmt: skip
     )
     needs_model_file = False
 
@@ -289,6 +299,28 @@ class FakeEngine(Engine):
         EVENTS.append(("task", context.model.id, context.slot, context.fresh))
         images = await trio.to_thread.run_sync(run, limiter=context.instance.limiter)
         return ImageGenerationResult(images=images, seed=seed)
+
+
+    async def image_to_text(self, context, request):
+        return ImageToTextResult(text=f"a picture of {len(request.image)} bytes")
+
+    VOICES = {"low": 220.0, "high": 880.0}
+    SPEECH_RATE = 16000
+
+    async def text_to_speech(self, context, request, sink):
+        voice = request.voice_name or "low"
+        if voice not in self.VOICES:
+            raise InvalidRequestError(f"unknown voice {voice!r} (voices: low, high)", param="voice")
+        words = request.input.split()
+        samples = 0
+        for word in words:
+            frames = int(self.SPEECH_RATE * 0.1 / request.speed)
+            tone = (int(8000 * math.sin(2 * math.pi * self.VOICES[voice] * (samples + n) / self.SPEECH_RATE)) for n in range(frames))
+            await sink.send(AudioChunk(pcm=struct.pack(f"<{frames}h", *tone), sample_rate=self.SPEECH_RATE))
+            samples += frames
+            if context.model.options.token_delay:
+                await trio.sleep(context.model.options.token_delay)
+        return SpeechResult(sample_rate=self.SPEECH_RATE, samples=samples, input_tokens=len(words), output_tokens=len(words))
 
 
 @hookimpl

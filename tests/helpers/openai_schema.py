@@ -75,9 +75,10 @@ def validate_completion_chunk(body: Any) -> Any:
     return body
 
 
-def parse_sse(lines: list[str]) -> tuple[list[Any], list[str]]:
+def parse_sse(lines: list[str], require_done: bool = True) -> tuple[list[Any], list[str]]:
     """The JSON bodies of a server-sent event stream's ``data:`` events, and its comment
-    lines. Raise unless the stream ends with ``data: [DONE]`` and nothing after it."""
+    lines. Raise unless the stream ends with ``data: [DONE]`` and nothing after it
+    (``require_done``: audio streams end with their own ``*.done`` event instead)."""
     bodies: list[Any] = []
     comments: list[str] = []
     done = False
@@ -92,7 +93,7 @@ def parse_sse(lines: list[str]) -> tuple[list[Any], list[str]]:
         else:
             assert line.startswith("data: "), line
             bodies.append(json.loads(line[len("data: "):]))
-    assert done, "the stream did not end with data: [DONE]"
+    assert done or not require_done, "the stream did not end with data: [DONE]"
     return bodies, comments
 
 
@@ -129,6 +130,8 @@ def component_for(path: str, body: Any) -> str | None:
         return "Model"
     if path.endswith("/audio/transcriptions"):
         return "CreateTranscriptionResponseVerboseJson" if "segments" in body else "CreateTranscriptionResponseJson"
+    if path.endswith("/audio/translations"):
+        return "CreateTranslationResponseVerboseJson" if "segments" in body else "CreateTranslationResponseJson"
     return None
 
 
@@ -165,6 +168,10 @@ def check_event(path: str, data: bytes) -> None:
         validate("ErrorResponse", body)
     elif path.endswith("/chat/completions"):
         validate("CreateChatCompletionStreamResponse", body)
+    elif path.endswith("/audio/transcriptions"):
+        validate("CreateTranscriptionResponseStreamEvent", body)
+    elif path.endswith("/audio/speech"):
+        validate("CreateSpeechResponseStreamEvent", body)
     else:
         validate_completion_chunk(body)
 

@@ -10,10 +10,12 @@ import openai
 import pytest
 
 from lllms_core.testing import health_during
-from lllms_core.testing.conformance import WEATHER_TOOL as WEATHER
+from lllms_core.testing.conformance import WEATHER_TOOL
 
 pytestmark = pytest.mark.timeout(180)
 
+# the wording SmolLM2 answers these prompts well with (at temperature 0, its answers follow the words)
+WEATHER = {**WEATHER_TOOL, "function": {**WEATHER_TOOL["function"], "description": "The weather in a city"}}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 

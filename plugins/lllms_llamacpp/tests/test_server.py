@@ -65,7 +65,7 @@ async def test_concurrent_streams_and_a_forced_tool_call(smollm2_file, tmp_path)
 
         async def ask(word: str) -> None:
             request = {"model": "smol", "messages": [{"role": "user", "content": f"What is a {word}? Answer in one sentence."}],
-                       "max_tokens": 12}
+                       "max_tokens": 12, "temperature": 0}
             async with server.stream_chat_completion(request) as stream:
                 pieces = [chunk.text async for chunk in stream]
             answers[word] = "".join(pieces)

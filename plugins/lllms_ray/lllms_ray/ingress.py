@@ -92,8 +92,11 @@ class ClusterServer(ModelServer):
     # --- completions --------------------------------------------------------------
 
     @asynccontextmanager
-    async def _stream(self, task_name: str, request: Any, key_of) -> AsyncIterator[CompletionStream]:
-        model, engine, task, request = self._resolve(task_name, request)
+    async def _stream(
+        self, task_name: str, request: Any, key_of, callers: tuple[str, ...] = ()
+    ) -> AsyncIterator[CompletionStream]:
+        # ``callers``: none from the ingress (composed engines call their models on their replica)
+        model, engine, task, request = self._resolve(task_name, request, callers)
         stream = CompletionStream(model.id, request.choices, self.fingerprints[model.id])
         scope = trio.CancelScope()
         # returns once a replica has queued the request: its refusal is raised here, before
@@ -169,10 +172,10 @@ class ClusterServer(ModelServer):
 
     # --- other tasks -----------------------------------------------------------------
 
-    async def _run(self, task_name: str, request: Any, method: str | None = None):
+    async def _run(self, task_name: str, request: Any, callers: tuple[str, ...] = (), method: str | None = None):
         # ``method`` (the core's own way of doing a task) runs on the replica: it is asked
         # for the task, as a ModelServer is, and does it as one does
-        model, engine, task, request = self._resolve(task_name, request)
+        model, engine, task, request = self._resolve(task_name, request, callers)
         handle = self.handles[model.id]
         try:
             with self._deadline():

@@ -78,6 +78,11 @@ class ClusterPool:
         router = ROUTERS.get((self.app, deployment))
         return router is not None and bool(router.curr_replicas)
 
+    def failures(self) -> dict[str, str]:
+        """Nothing here: a replica that fails to start is retried and reported by Ray Serve
+        (``serve status``); the ingress stays not ready until each deployment has a replica."""
+        return {}
+
     @property
     def ready(self) -> bool:
         """Every model that must keep a replica has one running."""

@@ -75,7 +75,7 @@ class TransformersEngine(Engine):
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
             "logit_bias", "seed", "grammar",
             "n", "logprobs", "json_object", "json_schema", "tools", "echo", "token_prompt",
-            "token_input", "pooling", "vision", "image_embeddings",
+            "token_input", "pooling", "vision", "image_embeddings", "translate",
         }
     )  # fmt: skip
     logits_processors = True
@@ -173,7 +173,7 @@ class TransformersEngine(Engine):
 
     async def speech_to_text(self, context, request):
         loaded = context.instance.loaded
-        return await trio.to_thread.run_sync(loaded.transcribe, request, limiter=context.instance.limiter)
+        return await trio.to_thread.run_sync(loaded.transcribe, context.audio, request, limiter=context.instance.limiter)
 
 
 def _tokenizer(loaded):

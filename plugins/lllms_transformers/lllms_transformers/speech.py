@@ -1,6 +1,6 @@
 """Speech to text with Whisper-family models.
 
-Audio is decoded and resampled to 16 kHz mono with PyAV. Whisper hears 30 s at
+The core decodes the audio to 16 kHz mono (``TaskContext.audio``). Whisper hears 30 s at
 a time, so longer audio is cut into windows of at most 30 s, each cut at the
 quietest moment of its last seconds (so that words are seldom split), and every
 window is transcribed with timestamps; segment times are shifted by the
@@ -9,13 +9,13 @@ window's start.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lllms_core.plugin_api import (
+    DecodedAudio,
     InvalidRequestError,
     TranscriptionRequest,
     TranscriptionResult,
@@ -30,27 +30,6 @@ CUT_SEARCH = 5 * SAMPLE_RATE
 CUT_FRAME = SAMPLE_RATE // 10
 TIME_PRECISION = 0.02
 """Seconds per Whisper timestamp token."""
-
-
-def decode_audio(data: bytes) -> np.ndarray:
-    """Any audio file PyAV reads, as 16 kHz mono float32 samples."""
-    import av
-
-    pieces = []
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            stream = next((s for s in container.streams if s.type == "audio"), None)
-            if stream is None:
-                raise InvalidRequestError("the file has no audio stream", param="file")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-            for frame in container.decode(stream):
-                pieces.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
-            pieces.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
-    except av.error.FFmpegError as error:
-        raise InvalidRequestError(f"the audio file cannot be decoded: {error}", param="file") from None
-    if not pieces:
-        raise InvalidRequestError("the audio file holds no sound", param="file")
-    return np.concatenate(pieces).astype(np.float32)
 
 
 def windows(audio: np.ndarray) -> list[tuple[int, int]]:
@@ -120,10 +99,10 @@ class Transcriber:
         features = self.processor.feature_extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         return features.to(self.device, self.model.dtype)
 
-    def transcribe(self, request: TranscriptionRequest) -> TranscriptionResult:
+    def transcribe(self, decoded: DecodedAudio, request: TranscriptionRequest) -> TranscriptionResult:
         from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-        audio = decode_audio(request.audio)
+        audio = decoded.samples
         spans = windows(audio)
         language = self._language_code(request.language)
         prompt_ids = None
@@ -139,7 +118,7 @@ class Transcriber:
             language = self.tokenizer.convert_ids_to_tokens(detected).strip("<|>")
         options = {
             "return_timestamps": True,
-            "task": "transcribe",
+            "task": request.task,
             "max_new_tokens": max_new_tokens,
         }
         if self.multilingual:

@@ -18,14 +18,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from lllms_core import ModelServer
-from lllms_core.testing import BackgroundServer, built_once, package_path, test_cache_dir
+from lllms_core.testing import BackgroundServer, built_once, espeak_wav, package_path, test_cache_dir
 from lllms_transformers.loading import conversion_target
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. Local models are private and fast."
@@ -89,23 +87,16 @@ def whisper_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def _speak(path: Path, text: str) -> Path:
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
-    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True, timeout=60)
-    return path
-
-
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory) -> Path:
     """About 5 s of speech."""
-    return _speak(tmp_path_factory.mktemp("audio") / "short.wav", SENTENCE)
+    return espeak_wav(tmp_path_factory.mktemp("audio") / "short.wav", SENTENCE)
 
 
 @pytest.fixture(scope="session")
 def long_speech(tmp_path_factory) -> Path:
     """About 39 s of speech: more than one 30 s window."""
-    return _speak(tmp_path_factory.mktemp("audio") / "long.wav", " ".join([SENTENCE] * 7))
+    return espeak_wav(tmp_path_factory.mktemp("audio") / "long.wav", " ".join([SENTENCE] * 7))
 
 
 def bert_tokenizer():

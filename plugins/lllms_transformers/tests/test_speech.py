@@ -12,7 +12,8 @@ import numpy as np
 import openai
 import pytest
 
-from lllms_transformers.speech import SAMPLE_RATE, WINDOW, decode_audio, windows
+from lllms_core.audio import decode_audio
+from lllms_transformers.speech import SAMPLE_RATE, WINDOW, windows
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -76,7 +77,7 @@ def test_long_audio_is_cut_in_windows_at_quiet_moments():
 
 
 def test_long_audio_is_transcribed_over_its_whole_length(client, long_speech):
-    audio = decode_audio(long_speech.read_bytes())
+    audio = decode_audio(long_speech.read_bytes(), SAMPLE_RATE).samples
     spans = windows(audio)
     assert len(spans) == 2  # about 39 s: two windows
     result = transcribe(client, long_speech, response_format="verbose_json")
@@ -85,3 +86,10 @@ def test_long_audio_is_transcribed_over_its_whole_length(client, long_speech):
     second_window = spans[1][0] / SAMPLE_RATE
     assert min(starts) < second_window <= max(starts)  # not cut to the first (or last) 30 s
     assert max(segment.end for segment in result.segments) <= result.duration + 0.01
+
+
+def test_translation_into_english(client, speech):
+    with open(speech, "rb") as file:
+        result = client.audio.translations.create(model="whisper", file=file, response_format="verbose_json")
+    assert result.language == "english" and isinstance(result.text, str)
+    assert result.segments and result.duration > 4
