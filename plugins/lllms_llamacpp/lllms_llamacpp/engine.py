@@ -36,12 +36,15 @@ from lllms_core.plugin_api import (
     EngineInstance,
     InvalidRequestError,
     ModelLoadError,
+    RerankRequest,
+    RerankResult,
     TaskContext,
     TextCompletionRequest,
     TokenizeRequest,
     TokenizeResult,
     Usage,
     common_prefix,
+    cosine_rerank,
     normalize_embedding,
 )
 
@@ -277,11 +280,12 @@ def load_instance(
     }
     lora = [(adapter.path, adapter.scale) for adapter in options.lora]
     try:
-        if model_config.task == "embedding":
+        if model_config.task in ("embedding", "rerank"):
             instance.embed_context = Context(
                 model,
                 ContextSettings(n_ctx=n_ctx_seq, n_seq=parallel, n_batch=n_ctx_seq, n_ubatch=n_ctx_seq,
-                                threads=threads, flash_attention=options.flash_attention, embeddings=True),
+                                threads=threads, flash_attention=options.flash_attention, embeddings=True,
+                                rank=model_config.task == "rerank" and model.ranks),
                 lora,
             )
             return instance
@@ -334,7 +338,7 @@ def check_grammar(grammar: str, param: str) -> None:
 
 class LlamaCppEngine(Engine):
     name = "llamacpp"
-    tasks = frozenset({"chat-completion", "text-completion", "embedding"})
+    tasks = frozenset({"chat-completion", "text-completion", "embedding", "rerank"})
     default_task = "chat-completion"
     options = LlamaCppOptions
     capabilities = frozenset(
@@ -512,6 +516,22 @@ class LlamaCppEngine(Engine):
             embeddings=[normalize_embedding(vector, request.dimensions) for vector in vectors],
             prompt_tokens=prompt_tokens,
         )
+
+    async def rerank(self, context: TaskContext, request: RerankRequest) -> RerankResult:
+        """A reranker GGUF scores each (query, document) pair (rank pooling, see
+        :mod:`lllms_llamacpp.rerank`); any other GGUF ranks by the cosine similarity of embeddings."""
+        instance: LlamaCppInstance = context.instance
+        if instance.embed_context is None:
+            raise InvalidRequestError(f"model {context.model.id!r} is not configured for reranking", param="model")
+        if not instance.embed_context.settings.rank:
+            return await cosine_rerank(self, context, request)
+        from lllms_llamacpp.rerank import rank
+
+        scores, tokens = await trio.to_thread.run_sync(
+            rank, instance.model, instance.embed_context, request.query, request.texts, instance.n_ctx_seq,
+            limiter=instance.limiter,
+        )  # fmt: skip
+        return RerankResult(scores=scores, prompt_tokens=tokens)
 
     async def tokenize(self, context: TaskContext, request: TokenizeRequest) -> TokenizeResult:
         instance: LlamaCppInstance = context.instance
