@@ -40,6 +40,7 @@ from lllms_core.plugin_api import (
     RerankResult,
     TaskContext,
     TextCompletionRequest,
+    ThinkingBudget,
     TokenizeRequest,
     TokenizeResult,
     Usage,
@@ -346,7 +347,7 @@ class LlamaCppEngine(Engine):
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_window",
             "frequency_penalty", "presence_penalty", "logit_bias", "seed", "grammar",
             "n", "logprobs", "json_object", "json_schema", "tools", "echo", "suffix",
-            "token_prompt", "token_input", "pooling", "vision",
+            "token_prompt", "token_input", "pooling", "vision", "reasoning_budget",
         }
     )
 
@@ -653,6 +654,7 @@ class LlamaCppEngine(Engine):
                         stream=TextStream(model, CompletionOutput(request.stop_list, tools), shown),
                         after=first,
                         fresh=context.fresh and index == 0,
+                        thinking=ThinkingBudget.for_request(instance.chat_template, request),
                     )
                     if media and number == 0:
                         job.media = dict(media)
