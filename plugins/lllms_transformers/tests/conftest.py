@@ -24,6 +24,7 @@ import pytest
 
 from lllms_core import ModelServer
 from lllms_core.testing import BackgroundServer, built_once, espeak_wav, package_path, test_cache_dir
+from lllms_core.testing.reasoning import THINKING_CHATML
 from lllms_transformers.loading import conversion_target
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. Local models are private and fast."
@@ -207,13 +208,6 @@ def clip_dir() -> Path:
 @pytest.fixture(scope="session")
 def blip_dir() -> Path:
     return built_once("tiny-blip-1", build_tiny_blip, "config.json")
-
-
-THINKING_CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-)
-"""ChatML whose generation prompt opens a thinking block: SmolLM2 "thinks" until it is closed."""
 
 
 @pytest.fixture(scope="session")
