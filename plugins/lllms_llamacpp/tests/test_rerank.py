@@ -20,12 +20,12 @@ from lllms_core.testing import BackgroundServer
 
 pytestmark = pytest.mark.timeout(120)
 
-QUERY = "How many legs does a spider have?"
+QUERY = "What do bees make?"
 PASSAGES = [
-    "The Eiffel Tower was finished in 1889 for the World's Fair in Paris.",
-    "Spiders are arachnids: every spider has eight legs and two body segments.",
-    "Bread is made from flour, water, yeast and salt, baked in an oven.",
-    "The stock market fell sharply on Monday after the announcement.",
+    "Honey bees make honey from the nectar of flowers and store it in wax combs.",
+    "The train to Lyon leaves from platform four at ten past nine.",
+    "A violin has four strings tuned in fifths.",
+    "Glaciers carve valleys as they move slowly downhill.",
 ]
 RERANK_TEMPLATE = "<|im_start|>user\n<Query>: {query}\n<Document>: {document}<|im_end|>\n<|im_start|>assistant\n"
 
