@@ -3,9 +3,10 @@ document) pair with its classifier head (rank pooling); a GGUF that is not a rer
 the cosine similarity of its embeddings.
 
 No reranker GGUF installs offline, so the reranker is a tiny randomly initialised Qwen3-Reranker
-style model (rank pooling, a "yes"/"no" classifier head, a ``rerank`` template) with SmolLM2's
-real tokenizer, written with the ``gguf`` package: its scores are noise; what is real is the
-path, and what a user sees of it (the shape, the order, top_n, documents, usage, errors)."""
+style model (rank pooling, a "yes"/"no" classifier head, a ``rerank`` template; a second one
+without the template, whose vocabulary adds EOS and SEP) with SmolLM2's real tokenizer, written
+with the ``gguf`` package: its scores are noise; what is real is the path, and what a user sees
+of it (the shape, the order, top_n, documents, usage, errors)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ PASSAGES = [
 RERANK_TEMPLATE = "<|im_start|>user\n<Query>: {query}\n<Document>: {document}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def write_tiny_reranker(path: Path, tokenizer_source: Path) -> None:
+def write_tiny_reranker(path: Path, tokenizer_source: Path, template: bool = True) -> None:
     """A two-layer Qwen3 GGUF (32 wide) with rank pooling and a two-label classifier head, and
-    the tokenizer of ``tokenizer_source``; random weights (seeded)."""
+    the tokenizer of ``tokenizer_source``; random weights (seeded). With ``template``, a
+    ``rerank`` template; else a vocabulary that adds EOS and SEP tokens (as BERT rerankers')."""
     import gguf
 
     reader = gguf.GGUFReader(str(tokenizer_source))
@@ -68,7 +70,12 @@ def write_tiny_reranker(path: Path, tokenizer_source: Path) -> None:
     writer.add_bos_token_id(int(values("tokenizer.ggml.bos_token_id")[0][0]))
     writer.add_eos_token_id(int(values("tokenizer.ggml.eos_token_id")[0][0]))
     writer.add_add_bos_token(False)
-    writer.add_chat_template([{"name": "rerank", "template": RERANK_TEMPLATE}])
+    if template:
+        writer.add_chat_template([{"name": "rerank", "template": RERANK_TEMPLATE}])
+    else:
+        writer.add_sep_token_id(0)
+        writer.add_add_eos_token(True)
+        writer.add_add_sep_token(True)
     random = np.random.default_rng(0)
 
     def weights(*shape: int) -> np.ndarray:
@@ -99,15 +106,18 @@ def write_tiny_reranker(path: Path, tokenizer_source: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(smollm2_file, tmp_path_factory):
-    reranker = tmp_path_factory.mktemp("reranker") / "tiny-reranker.gguf"
-    write_tiny_reranker(reranker, smollm2_file)
+    folder = tmp_path_factory.mktemp("reranker")
+    write_tiny_reranker(folder / "templated.gguf", smollm2_file)
+    write_tiny_reranker(folder / "pairs.gguf", smollm2_file, template=False)
     device = {"gpu": False, "cpu_threads": 1}
     smol = {"engine": "llamacpp", "location": str(smollm2_file), "context_size": 512, "parallel": 2, "device": device}
     config = {
         "server": {"cache_dir": str(tmp_path_factory.mktemp("cache"))},
         "models": {
-            "ranker": {"engine": "llamacpp", "task": "rerank", "location": str(reranker), "context_size": 128,
-                       "parallel": 3, "device": device},
+            "ranker": {"engine": "llamacpp", "task": "rerank", "location": str(folder / "templated.gguf"),
+                       "context_size": 128, "parallel": 3, "device": device},
+            "ranker-pairs": {"engine": "llamacpp", "task": "rerank", "location": str(folder / "pairs.gguf"),
+                             "context_size": 128, "device": device},
             "smol-rerank": {**smol, "task": "rerank"},
             "smol-embed": {**smol, "task": "embedding"},
         },
@@ -148,6 +158,18 @@ def test_a_reranker_gguf_scores_each_pair_with_its_classifier(server):
 
     bare = rerank(server, model="ranker", query=QUERY, documents=PASSAGES, top_n=1, return_documents=False).json()
     assert bare["results"] == [{"index": everything[0]["index"], "relevance_score": everything[0]["relevance_score"]}]
+
+
+def test_a_reranker_without_a_template_reads_query_eos_sep_document_eos(server):
+    body = rerank(server, model="ranker-pairs", query=QUERY, documents=PASSAGES).json()
+    assert sorted(result["index"] for result in body["results"]) == list(range(len(PASSAGES)))
+    assert all(0 < result["relevance_score"] < 1 for result in body["results"])
+
+    def count(text: str) -> int:
+        tokenized = httpx.post(server.url("/tokenize"), json={"model": "ranker-pairs", "content": text, "add_special": False})
+        return tokenized.json()["count"]
+
+    assert body["usage"]["prompt_tokens"] == sum(count(QUERY) + count(passage) + 3 for passage in PASSAGES)
 
 
 def test_a_pair_longer_than_the_reranker_reads_is_a_400(server):
