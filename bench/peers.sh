@@ -11,9 +11,10 @@
 #   bench/peers.sh setup                      # build/install the peers only
 #   bench/peers.sh run [options]              # set up if needed, then measure
 # Options of run:
-#   --only LIST        comma-separated subset of:
-#                      llama-cpp-python,llama-cpp-python-nointerrupt,llama-server,lllms
-#                      (default: all peers, plus lllms when --lllms-url is given)
+#   --only LIST        comma-separated subset of: llama-cpp-python,
+#                      llama-cpp-python-nointerrupt, llama-server, llama-server-defaults
+#                      (`llama-server -m FILE`: its own choice of threads, slots, context),
+#                      lllms (default: the first three, plus lllms when --lllms-url is given)
 #   --repeat N         measure each server N times (default 2), to show the noise
 #   --lllms-url URL    base URL of a running lllms server, e.g. http://127.0.0.1:8000/v1
 #   --lllms-model NAME model name lllms serves the SmolLM2 GGUF under (default smollm2)
@@ -150,6 +151,17 @@ run_llama_server() {
     stop_server
 }
 
+run_llama_server_defaults() {
+    local gguf; gguf="$(gguf_path)"
+    # out of the box: what llama-server chooses by itself (threads: the physical cores;
+    # -np auto: 4 slots in one unified KV cache; -c: the model's training context)
+    start_server llama-server-defaults "$OUT/llama-server-defaults-run$RUN.server.log" \
+        "$LLAMA_SERVER" -m "$gguf" -a smollm2 --host 127.0.0.1 --port 8003
+    wait_ready http://127.0.0.1:8003/v1
+    bench_server llama-server-defaults http://127.0.0.1:8003/v1 smollm2 "$SERVER_PID"
+    stop_server
+}
+
 run() {
     REPEAT=2 ONLY="" OUT="" EXTRA=(--wait-quiet 45)
     local lllms_url="" lllms_model=smollm2 lllms_pid="" lllms_key=none
@@ -177,7 +189,7 @@ run() {
     for name in "${names[@]}"; do
         case "$name" in
             llama-cpp-python|llama-cpp-python-nointerrupt) setup_llama_cpp_python ;;
-            llama-server) setup_llama_server ;;
+            llama-server|llama-server-defaults) setup_llama_server ;;
             lllms) [[ -n "$lllms_url" ]] || { echo "lllms needs --lllms-url" >&2; exit 2; } ;;
             *) echo "unknown server $name" >&2; exit 2 ;;
         esac
@@ -189,6 +201,7 @@ run() {
                 llama-cpp-python-nointerrupt)
                     run_llama_cpp_python llama-cpp-python-nointerrupt --interrupt_requests False ;;
                 llama-server) run_llama_server ;;
+                llama-server-defaults) run_llama_server_defaults ;;
                 lllms) bench_server lllms "$lllms_url" "$lllms_model" "$lllms_pid" "$lllms_key" ;;
             esac
         done

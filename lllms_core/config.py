@@ -143,6 +143,14 @@ class ServerConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_
     """The most MiB of stored Responses-API responses kept in the cache directory (oldest go first)."""
     responses_store_days: Annotated[float, Meta(ge=0)] = 30
     """Stored responses older than this many days go."""
+    memory_budget_mib: Annotated[int, Meta(ge=1)] | None = None
+    """Memory the server may take for its models (weights, KV caches) and their prompt
+    caches in RAM, in MiB; none: 80% of the memory this process may use."""
+    prompt_cache_mib: Annotated[int, Meta(ge=0)] | None = None
+    """RAM for each model's saved conversation states, in MiB; none: an eighth of the memory
+    budget, at most 8192; 0: none kept."""
+    prompt_cache_disk_gib: Annotated[float, Meta(ge=0)] = 4
+    """Disk space for each model's saved states in the cache directory, in GiB; 0: none."""
 
 
 class HttpConfig(ConfigStruct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):

@@ -61,6 +61,9 @@ class Device(msgspec.Struct, kw_only=True):
     gpu_layers: int | None = None
     cpu_threads: int | None = None
     mem_lock: bool = False
+    memory_budget: int | None = None
+    """The server's memory budget in bytes: an engine sizes what it chooses by itself (KV
+    caches, sequences) within it. None: the machine's default budget."""
 
 
 class EngineInstance:
@@ -74,6 +77,9 @@ class EngineInstance:
     """
 
     chat_template: str | None = None
+    memory_bytes: int | None = None
+    """Host memory this instance holds (weights, KV caches, buffers), as far as the engine
+    knows; the pool's memory budget counts it. None: the engine's ``memory_estimate``."""
 
     def __init__(self, *, slots: int = 1, limiter: trio.CapacityLimiter | None = None, **attributes: Any):
         self.slots = slots
@@ -119,6 +125,13 @@ class TaskContext(msgspec.Struct, kw_only=True):
     """The request's images, fetched and decoded by the core (see :meth:`image`)."""
     progress: Progress = msgspec.field(default_factory=Progress)
     """Where a long task reports how far it has come (shown in the slot's status)."""
+    prompt_cache: Any = None
+    """The model's :class:`lllms_core.prompt_cache.PromptCache` (None: no cache): an engine
+    saves a slot's state there before overwriting it with another conversation, and
+    restores a saved state whose tokens begin the request's prompt."""
+    previous_key: tuple[str, ...] = ()
+    """The pool's context key of what the slot held before this request: an engine that
+    saves that state files it under this key (the pool routes by it)."""
     audio: Any = None
     """Speech to text: the request's audio, decoded by the core (a
     :class:`lllms_core.audio.DecodedAudio`: mono float32 at the engine's ``audio_sample_rate``)."""
@@ -221,6 +234,31 @@ class Engine:
 
     async def dispose_instance(self, instance: EngineInstance) -> None:
         """Free what ``create_instance`` loaded. Called once per instance, also on cancellation."""
+
+    def memory_estimate(self, model: "ModelConfig", location: Path | None, device: Device) -> int | None:
+        """Bytes of host memory an instance of ``model`` will take on ``device``, before one is
+        loaded (the pool's memory budget admits it by this); None: unknown. Called on the trio
+        thread, before and again after ``prepare_model`` (which may read what it needs): it
+        must be quick. The default is the size of the model's file or directory."""
+        if location is None:
+            return None
+        try:
+            if location.is_dir():
+                return sum(path.stat().st_size for path in location.rglob("*") if path.is_file())
+            return location.stat().st_size
+        except OSError:
+            return None
+
+    async def state_signature(self, model: "ModelConfig", instance: EngineInstance) -> dict[str, Any] | None:
+        """What a saved state of this instance depends on besides the model id: the model
+        file's digest, the engine's version, the context settings. States are written to
+        disk under it and never restored into an instance with another signature. None (the
+        default): the instance's states stay in RAM only."""
+        return None
+
+    async def save_states(self, instance: EngineInstance, cache: Any, keys: list[tuple[str, ...]]) -> None:
+        """Save the state of every slot into ``cache`` (a PromptCache), each under the pool's
+        context key ``keys[slot]``; called before the instance is disposed. Optional."""
 
     def check_request(self, model: "ModelConfig", request: Any) -> Any:
         """Check a request before it is queued; optional. Runs in a worker thread, without an

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -77,6 +77,38 @@ class _StatusCollector(Collector):
         yield model_state
         yield downloaded
         yield size
+        yield from _prompt_cache_metrics(status)
+        memory = status.get("memory")
+        if memory:
+            yield GaugeMetricFamily("lllms_memory_budget_bytes", "The server's memory budget", value=memory["budget_bytes"])
+            yield GaugeMetricFamily(
+                "lllms_memory_used_bytes", "Memory the server counts against its budget (itself, instances, prompt caches)",
+                value=memory["used_bytes"],
+            )
+
+
+PROMPT_CACHE_GAUGES = (("bytes", "Bytes of saved states held"), ("entries", "Saved states held"))
+PROMPT_CACHE_COUNTERS = (
+    ("hits", "Lookups whose longest saved prefix was found in this tier"),
+    ("misses", "Lookups that found no saved prefix in this tier longer than what the slots held"),
+    ("restores", "Saved states restored into a slot from this tier"),
+    ("tokens_saved", "Prompt tokens restored from this tier instead of evaluated"),
+)
+
+
+def _prompt_cache_metrics(status: dict) -> Iterator[Metric]:
+    """Per model and tier (ram, disk), from the prompt caches' reports."""
+    families = [
+        GaugeMetricFamily(f"lllms_prompt_cache_{name}", text, labels=["model", "tier"]) for name, text in PROMPT_CACHE_GAUGES
+    ] + [
+        CounterMetricFamily(f"lllms_prompt_cache_{name}", text, labels=["model", "tier"]) for name, text in PROMPT_CACHE_COUNTERS
+    ]
+    names = [name for name, _ in PROMPT_CACHE_GAUGES + PROMPT_CACHE_COUNTERS]
+    for model, report in status["models"].items():
+        for tier, figures in (report.get("prompt_cache") or {}).items():
+            for family, name in zip(families, names):
+                family.add_metric([model, tier], figures[name])
+    yield from families
 
 
 class Metrics:

@@ -61,7 +61,7 @@ from lllms_core.chat import (
     tool_setup,
 )
 from lllms_core.config import ChatMessageConfig, DeviceConfig, ModelConfig, default_cache_dir
-from lllms_core.context import common_prefix
+from lllms_core.context import ContextKey, common_prefix
 from lllms_core.engine import (
     ChunkSink,
     Device,
@@ -88,6 +88,9 @@ from lllms_core.errors import (
     UnsupportedParameterError,
 )
 from lllms_core.hookspecs import hookimpl
+from lllms_core.machine import Choice, choose_sequences, cpu_threads, default_memory_budget, describe_choices, log_choices
+from lllms_core.prompt_cache import BLOCK as PROMPT_CACHE_BLOCK
+from lllms_core.prompt_cache import PromptCache, model_file_digest
 from lllms_core.images import Image, RequestImages, chat_image_sources, describe_images, is_image_data_url
 from lllms_core.reasoning import ThinkingBudget, ThinkSyntax, think_syntax
 from lllms_core.samplers import Sampler, requested_logits_processors
@@ -191,6 +194,18 @@ __all__ = [
     "chat_image_sources",
     "is_image_data_url",
     "describe_images",
+    # defaults from the machine
+    "Choice",
+    "cpu_threads",
+    "choose_sequences",
+    "default_memory_budget",
+    "log_choices",
+    "describe_choices",
+    # saved context states
+    "PromptCache",
+    "PROMPT_CACHE_BLOCK",
+    "ContextKey",
+    "model_file_digest",
     "DecodedAudio",
     "source_fields",
     # the chat layer (1.1): templates, the message policy, tool calls, grammars, context overflow

@@ -9,9 +9,18 @@ slot only through ``async with pool.acquire(model_id, key) as slot``.
 A slot is one sequence of an instance with its own context state. Slots are
 handed out in this order (one dispatch function applies it whenever anything
 changes): an idle slot whose context is the longest prefix of the request's →
-an idle slot without context → a new instance (below ``max_instances``) → the
-least recently used idle slot, reset → wait, first come first served. A global
-``concurrency`` limit gates how many slots are busy at once.
+when the model's prompt cache holds a longer prefix, an idle slot without context
+or else the least recently used idle slot, reset, for the engine to restore that
+state into → an idle slot without context → a new instance (below
+``max_instances``, within the memory budget) → the least recently used idle slot,
+reset → wait, first come first served. A global ``concurrency`` limit gates how
+many slots are busy at once.
+
+Memory: every instance counts what it holds (or, before it is loaded, the engine's
+estimate), and the prompt caches count their RAM. A new instance that would take the
+server past its memory budget first has the idle instances of other models disposed,
+least recently used first (their states saved); a model that could not fit even with
+everything else gone is refused with a 503 naming the budget.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import secrets
 import time
 from collections import deque
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import trio
@@ -30,11 +40,16 @@ from lllms_core.config import Config, ModelConfig
 from lllms_core.context import ContextKey, common_prefix
 from lllms_core.engine import Device, Engine, EngineInstance, Progress, TaskContext
 from lllms_core.errors import LllmsError, ModelLoadError, ModelNotFoundError, QueueFullError, ServiceUnavailableError
+from lllms_core.machine import MIB, process_rss, release_free_memory, this_machine
+from lllms_core.prompt_cache import PromptCache
 
 log = logging.getLogger("lllms.pool")
 
 RETRY_MIN_INSTANCES_AFTER = (1.0, 60.0)
 """Back-off (first, longest) before refilling ``min_instances`` after a failed load."""
+PROMPT_CACHE_MAX_MIB = 8192
+"""The default RAM tier of a model's prompt cache is an eighth of the budget, at most this (llama-server's default)."""
+GENERATION_TASKS = ("chat-completion", "text-completion")
 
 
 class Slot:
@@ -47,32 +62,40 @@ class Slot:
         self.context_key: ContextKey = ()
         self.fresh = True
         """True until a task ran in this slot since it was created or reset."""
+        self.previous_key: ContextKey = ()
+        """The context the slot held when it was last assigned or reset (the engine saves it under this key)."""
         self.last_used = 0.0
         self.progress = Progress()
         """How far the task running in the slot has come, when its engine reports it."""
 
     def reset(self) -> None:
-        self.context_key = ()
+        self.previous_key, self.context_key = self.context_key, ()
         self.fresh = True
 
     def task_context(self) -> TaskContext:
+        instance = self.instance
         return TaskContext(
-            instance=self.instance.engine_instance,
+            instance=instance.engine_instance,
             slot=self.index,
-            model=self.instance.model,
+            model=instance.model,
             fresh=self.fresh,
             progress=self.progress,
+            prompt_cache=instance.prompt_cache,
+            previous_key=self.previous_key,
         )
 
 
 class Instance:
     """A loaded (or loading) model with its slots; its life is one task of the pool."""
 
-    def __init__(self, model: ModelConfig, engine: Engine, device: Device):
+    def __init__(self, model: ModelConfig, engine: Engine, device: Device, estimate: int, prompt_cache: PromptCache | None):
         self.id = f"{model.id}:{secrets.token_hex(4)}"
         self.model = model
         self.engine = engine
         self.device = device
+        self.estimate = estimate
+        """Bytes the engine expected the instance to take, before it was loaded."""
+        self.prompt_cache = prompt_cache
         self.state = "loading"
         self.engine_instance: EngineInstance | None = None
         self.slots: list[Slot] = []
@@ -80,13 +103,15 @@ class Instance:
         self.last_used = trio.current_time()
         self.last_used_wall: float | None = None
         self.dispose_requested = False
+        self.draining = False
+        """Takes no new requests and is disposed once idle (to make room in memory)."""
         self.wake = trio.Event()
         self.keep_alive: float | None = None
         """Seconds to live once idle, set by the last request that asked (Ollama's ``keep_alive``); else the model's ``ttl``."""
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready" and not self.dispose_requested
+        return self.state == "ready" and not self.dispose_requested and not self.draining
 
     @property
     def idle(self) -> bool:
@@ -94,6 +119,12 @@ class Instance:
 
     def poke(self) -> None:
         self.wake.set()
+
+    @property
+    def footprint(self) -> int:
+        """Bytes of memory the instance holds (what it reports once loaded, else the estimate)."""
+        reported = self.engine_instance.memory_bytes if self.engine_instance is not None else None
+        return reported if reported is not None else self.estimate
 
     def status(self) -> dict[str, Any]:
         state = self.state
@@ -107,6 +138,7 @@ class Instance:
             "device": "gpu" if self.device.gpu else "cpu",
             "created": _iso(self.created),
             "last_used": _iso(self.last_used_wall),
+            "memory_bytes": self.footprint,
             "slots": [
                 {
                     "index": slot.index,
@@ -185,7 +217,24 @@ class ModelPool:
         self._slots_seen: dict[str, int] = {}
         self._start_errors: dict[str, str] = {}
         """Why the last load (or blocking preparation) of a model the server starts with failed."""
+        self._footprint_seen: dict[str, int] = {}
+        self._preparing: set[str] = set()
         self.closed = False
+        budget = config.server.memory_budget_mib
+        self.memory_budget = budget * MIB if budget is not None else this_machine().memory_budget()
+        self._started_with = self.baseline = process_rss()
+        """Memory the server process holds beside its instances and caches (interpreter,
+        libraries): measured at start, and again whenever no instance is loading or leaving."""
+        ram = config.server.prompt_cache_mib
+        ram_bytes = ram * MIB if ram is not None else min(PROMPT_CACHE_MAX_MIB * MIB, self.memory_budget // 8)
+        disk_bytes = int(config.server.prompt_cache_disk_gib * 1024 * MIB)
+        self.caches: dict[str, PromptCache] = {
+            model.id: PromptCache(
+                model.id, ram_bytes=ram_bytes, disk_bytes=disk_bytes, directory=Path(store.cache_dir) / "prompt-cache" / model.id
+            )
+            for model in config.models.values()
+            if model.task in GENERATION_TASKS
+        }
 
     # --- public ---------------------------------------------------------------
 
@@ -230,7 +279,14 @@ class ModelPool:
             "processing": self._processing,
             "queued": len(self._waiters),
             "concurrency": self.config.server.concurrency,
+            "memory": {
+                "budget_bytes": self.memory_budget,
+                "used_bytes": self._memory_used(),
+                "baseline_bytes": self.baseline,
+                "resident_bytes": process_rss(),
+            },
             "instances": [instance.status() for instance in self.instances.values()],
+            "prompt_caches": {model_id: cache.status() for model_id, cache in self.caches.items()},
         }
 
     def context_keys(self) -> list[ContextKey]:
@@ -317,9 +373,12 @@ class ModelPool:
         slot.busy = False
         self._processing -= 1
         instance = slot.instance
+        if instance.draining and instance.idle:
+            instance.dispose_requested = True
         slot.last_used = instance.last_used = trio.current_time()
         instance.last_used_wall = time.time()
         instance.poke()
+        self._fit_memory()
         self._dispatch()
 
     # --- dispatch -------------------------------------------------------------
@@ -335,8 +394,17 @@ class ModelPool:
             for instance in self.instances.values()
             if instance.state == "loading"
         }
+        limit = self.config.server.concurrency
+        # first the waiters an idle slot can take, so that a request that needs room in memory
+        # never disposes an instance before the requests waiting for it got its slots
+        # (a nested request, made by a task that holds a slot, passes the concurrency limit)
         for waiter in list(self._waiters):
-            limit = self.config.server.concurrency
+            if limit is not None and self._processing >= limit and not waiter.nested:
+                continue
+            slot = self._matching_slot(waiter.model, waiter.key)
+            if slot is not None:
+                self._assign(waiter, slot)
+        for waiter in list(self._waiters):
             if limit is not None and self._processing >= limit and not waiter.nested:
                 continue
             model = waiter.model
@@ -349,7 +417,8 @@ class ModelPool:
                     loading_capacity[loading.id] -= 1
                     continue
                 if self._can_spawn(model):
-                    self._spawn(model)  # the waiter takes a slot once it is loaded
+                    if self._prepared(model) and self._memory_allows(model, waiter):
+                        self._spawn(model)  # the waiter takes a slot once it is loaded
                     continue
                 slot = self._least_recently_used_slot(model)
                 if slot is None:
@@ -359,6 +428,8 @@ class ModelPool:
             self._assign(waiter, slot)
 
     def _assign(self, waiter: _Waiter, slot: Slot) -> None:
+        if not slot.fresh:
+            slot.previous_key = slot.context_key
         self._waiters.remove(waiter)
         slot.busy = True
         slot.progress = Progress()
@@ -375,6 +446,9 @@ class ModelPool:
                         yield slot
 
     def _matching_slot(self, model: ModelConfig, key: ContextKey) -> Slot | None:
+        """The idle slot with the longest prefix of ``key``; else, when the prompt cache
+        holds a longer one, an empty or the least recently used slot (reset) to restore it
+        into; else an empty slot."""
         best, best_length, empty = None, 0, None
         for slot in self._idle_slots(model):
             length = common_prefix(slot.context_key, key)
@@ -382,10 +456,142 @@ class ModelPool:
                 best, best_length = slot, length
             elif empty is None and not slot.context_key:
                 empty = slot
+        cache = self.caches.get(model.id)
+        cached = cache.key_match(key) if cache is not None and key else 0
+        if cached > best_length:
+            slot = empty or self._least_recently_used_slot(model)
+            if slot is not None and slot is not empty:
+                slot.reset()
+            return slot
         return best or empty
 
     def _least_recently_used_slot(self, model: ModelConfig) -> Slot | None:
         return min(self._idle_slots(model), key=lambda slot: slot.last_used, default=None)
+
+    # --- memory -----------------------------------------------------------------
+
+    def _memory_used(self) -> int:
+        """What counts against the budget: the server itself, its instances and its prompt caches."""
+        return (
+            self.baseline
+            + sum(instance.footprint for instance in self.instances.values())
+            + sum(cache.ram_bytes for cache in self.caches.values())
+        )
+
+    def _measure_baseline(self) -> None:
+        """What the process holds beside its instances and caches, read while no instance is
+        loading or being disposed: libraries an engine loaded stay (torch), and only the
+        process's resident memory shows them."""
+        if any(instance.state != "ready" for instance in self.instances.values()):
+            return
+        held = sum(instance.footprint for instance in self.instances.values()) + sum(
+            cache.ram_bytes for cache in self.caches.values()
+        )
+        self.baseline = max(self._started_with, process_rss() - held)
+
+    def _estimate(self, model: ModelConfig) -> int:
+        """Bytes a new instance of ``model`` will take: as much as its last one did, else the engine's estimate."""
+        if model.id in self._footprint_seen:
+            return self._footprint_seen[model.id]
+        _, prepared = self.store.preparation(model)
+        if not isinstance(prepared, Path):
+            try:
+                prepared = self.store.location(model)
+            except LllmsError:
+                prepared = None
+        engine = self.engines[model.engine]
+        return engine.memory_estimate(model, prepared, self._device(model, engine)) or 0
+
+    def _prepared(self, model: ModelConfig) -> bool:
+        """Whether the model is prepared (downloaded, converted), so that its engine can tell
+        how much memory an instance takes; if not, prepare it and dispatch again after."""
+        state, _ = self.store.preparation(model)
+        if state == "ready":
+            return True
+        if model.id not in self._preparing:
+            self._preparing.add(model.id)
+            self._nursery.start_soon(self._prepare_then_dispatch, model)
+        return False
+
+    async def _prepare_then_dispatch(self, model: ModelConfig) -> None:
+        try:
+            await self.store.prepare(model)
+        except LllmsError as error:
+            self._fail_waiters(model, error)
+        finally:
+            self._preparing.discard(model.id)
+            self._dispatch()
+
+    def _memory_allows(self, model: ModelConfig, waiter: _Waiter) -> bool:
+        """Whether a new instance of ``model`` fits the memory budget now. If not, idle
+        instances of other models are disposed (least recently used first; the request
+        waits for them), or the request is refused when the model could not fit even with
+        every other model and prompt cache gone."""
+        need = self._estimate(model)
+        used = self._memory_used()
+        if used + need <= self.memory_budget:
+            return True
+        going = [i for i in self.instances.values() if i.model is not model or i.dispose_requested or i.draining]
+        reclaimable = sum(instance.footprint for instance in going) + sum(
+            cache.ram_bytes for model_id, cache in self.caches.items() if model_id != model.id
+        )
+        if used - reclaimable + need > self.memory_budget and self._count(model) == 0:
+            self._waiters.remove(waiter)
+            waiter.error = ServiceUnavailableError(
+                f"model {model.id!r} needs about {need // MIB} MiB; the server's memory budget is "
+                f"{self.memory_budget // MIB} MiB (server.memory_budget_mib), of which {(used - reclaimable) // MIB} MiB "
+                "are taken by the server and what it keeps of this model",
+                code="memory_budget_exceeded",
+            )
+            waiter.event.set()
+            return False
+        self._make_room(model, used + need - self.memory_budget, drain=True)
+        # dropping states from RAM may have been enough; else each disposal dispatches again
+        return self._memory_used() + need <= self.memory_budget
+
+    def _make_room(self, model: ModelConfig | None, excess: int, drain: bool = False) -> None:
+        """Free ``excess`` bytes for ``model``: dispose idle instances of other models, least
+        recently used first (their states are saved); with ``drain``, then let busy ones take
+        no new request and go once idle; then drop the RAM copies of the states of models no
+        instance holds (they went to disk when their instances were disposed)."""
+        others = [instance for instance in self.instances.values() if instance.model is not model]
+        freeing = sum(instance.footprint for instance in others if instance.dispose_requested or instance.draining)
+        victims = sorted((i for i in others if i.ready and i.idle), key=lambda i: i.last_used)
+        if drain:
+            victims += sorted((i for i in others if i.ready and not i.idle), key=lambda i: i.last_used)
+        for victim in victims:
+            if freeing >= excess:
+                return
+            log.info("disposing %s to keep within the memory budget", victim.id, extra={"model": victim.model.id})
+            if victim.idle:
+                victim.dispose_requested = True
+                victim.poke()
+            else:
+                victim.draining = True
+            freeing += victim.footprint
+        for model_id, cache in self.caches.items():
+            if freeing >= excess:
+                break
+            if model_id != model.id and not any(i.model.id == model_id for i in self.instances.values()):
+                excess -= cache.ram_bytes
+                cache.clear_ram()
+
+    def _fit_memory(self) -> None:
+        """Keep within the budget after a request: idle instances go, least recently used first
+        (an estimate fell short, or several loaded at once), then the prompt caches' least
+        recently used states leave RAM, the largest cache first."""
+        excess = self._memory_used() - self.memory_budget
+        if excess > 0:
+            self._make_room(None, excess)
+        excess = self._memory_used() - self.memory_budget - sum(
+            instance.footprint for instance in self.instances.values() if instance.dispose_requested
+        )
+        for cache in sorted(self.caches.values(), key=lambda cache: cache.ram_bytes, reverse=True):
+            if excess <= 0:
+                return
+            held = cache.ram_bytes
+            cache.trim(max(0, held - excess))
+            excess -= held - cache.ram_bytes
 
     def _count(self, model: ModelConfig) -> int:
         return sum(1 for i in self.instances.values() if i.model is model and not i.dispose_requested)
@@ -413,23 +619,28 @@ class ModelPool:
     def _spawn(self, model: ModelConfig) -> trio.Event:
         """Start an instance of ``model``; the returned event is set once it is loaded (or failed)."""
         engine = self.engines[model.engine]
+        device = self._device(model, engine)
+        instance = Instance(model, engine, device, self._estimate(model), self.caches.get(model.id))
+        self.instances[instance.id] = instance
+        if device.gpu:
+            self._gpu_holder = instance
+        loaded = trio.Event()
+        self._nursery.start_soon(self._start_instance, instance, loaded)
+        return loaded
+
+    def _device(self, model: ModelConfig, engine: Engine) -> Device:
+        """Where a new instance of ``model`` would run now."""
         use_gpu = model.device.requires_gpu or (
             model.device.gpu == "auto" and self._gpu_holder is None and engine.gpu_available()
         )
-        device = Device(
+        return Device(
             gpu=use_gpu,
             name=model.device.gpu if isinstance(model.device.gpu, str) and model.device.gpu != "auto" else None,
             gpu_layers=model.device.gpu_layers,
             cpu_threads=model.device.cpu_threads,
             mem_lock=model.device.mem_lock,
+            memory_budget=self.memory_budget,
         )
-        instance = Instance(model, engine, device)
-        self.instances[instance.id] = instance
-        if use_gpu:
-            self._gpu_holder = instance
-        loaded = trio.Event()
-        self._nursery.start_soon(self._start_instance, instance, loaded)
-        return loaded
 
     async def _start_instance(self, instance: Instance, loaded: trio.Event) -> None:
         try:
@@ -460,8 +671,14 @@ class ModelPool:
             instance.engine_instance = engine_instance
             instance.slots = [Slot(instance, index) for index in range(engine_instance.slots)]
             self._slots_seen[model.id] = len(instance.slots)
+            self._footprint_seen[model.id] = instance.footprint
+            excess = self._memory_used() - self.memory_budget
+            if excess > 0:  # the engine's estimate was short
+                self._make_room(model, excess)
+            await self._attach_disk_tier(instance)
             await self._preload(instance)
             instance.state = "ready"
+            self._measure_baseline()
             self._retry_delay.pop(model.id, None)
             self._start_errors.pop(model.id, None)
             log.info("loaded %s (%d slots)", instance.id, len(instance.slots))
@@ -472,14 +689,43 @@ class ModelPool:
             instance.state = "disposing"
             instance.dispose_requested = True
             with trio.CancelScope(shield=True):
+                await self._save_states(instance)
                 try:
                     await engine.dispose_instance(engine_instance)
+                    await trio.to_thread.run_sync(release_free_memory)
                 except Exception:
                     log.exception("disposing %s failed", instance.id)
             log.info("disposed %s", instance.id)
             self._forget(instance)
+            self._measure_baseline()
             self._refill(model)
             self._dispatch()
+
+    async def _attach_disk_tier(self, instance: Instance) -> None:
+        """Start the disk tier of the model's prompt cache for this instance's kind of states."""
+        cache = instance.prompt_cache
+        if cache is None:
+            return
+        try:
+            signature = await instance.engine.state_signature(instance.model, instance.engine_instance)
+            if signature is not None:
+                await trio.to_thread.run_sync(cache.attach, signature)
+        except Exception:
+            log.exception("the prompt cache of %s has no disk tier", instance.id)
+
+    async def _save_states(self, instance: Instance) -> None:
+        """Before disposal: every slot's state into the prompt cache, and the cache's states to disk."""
+        cache = instance.prompt_cache
+        if cache is None or instance.engine_instance is None:
+            return
+        try:
+            keys = [slot.context_key for slot in instance.slots]
+            await instance.engine.save_states(instance.engine_instance, cache, keys)
+            written = await trio.to_thread.run_sync(cache.persist)
+            if written:
+                log.info("saved %d states of %s to disk", written, instance.id, extra={"model": instance.model.id})
+        except Exception:
+            log.exception("saving the states of %s failed", instance.id)
 
     async def _preload(self, instance: Instance) -> None:
         from lllms_core.context import chat_key, text_key

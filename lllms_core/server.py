@@ -361,12 +361,14 @@ class ModelServer:
             "processing": pool["processing"],
             "queued": pool["queued"],
             "concurrency": pool["concurrency"],
+            "memory": pool["memory"],
             "models": {
                 model.id: {
                     "engine": model.engine,
                     "task": model.task,
                     **store.get(model.id, {}),
                     "start_error": failures.get(model.id),
+                    **({"prompt_cache": pool["prompt_caches"][model.id]} if model.id in pool["prompt_caches"] else {}),
                 }
                 for model in self.config.models.values()
             },

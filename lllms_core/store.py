@@ -249,6 +249,12 @@ class ModelStore:
         files = model_files(model, self.cache_dir)
         return files[0].path if files else None
 
+    def preparation(self, model: ModelConfig) -> tuple[str, Any]:
+        """The model's preparation state (unprepared, preparing, ready, error) and, once ready,
+        what ``prepare`` returns; without waiting."""
+        state = self._models.get(model.id)
+        return (state.state, state.prepared) if state is not None else ("unprepared", None)
+
     async def prepare(self, model: ModelConfig) -> Any:
         """Download and verify the model's files, then return what its engine's
         ``prepare_model`` returns. Done once: later calls return the same result;

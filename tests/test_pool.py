@@ -229,3 +229,60 @@ async def test_initial_messages_are_preloaded_and_reused():
     async with ModelServer(config(m={"initial_messages": [system], "min_instances": 1, "reply": "arr"})) as server:
         answer = await server.chat_completion({"model": "m", "messages": [system, {"role": "user", "content": "hi"}]})
     assert answer.usage.cached_tokens == len(system["content"].split())
+
+
+def budget_for(models_mib: int) -> int:
+    """A memory budget (MiB) with room for ``models_mib`` beside what the test process holds."""
+    from lllms_core.machine import MIB, process_rss
+
+    return process_rss() // MIB + 256 + models_mib
+
+
+async def test_the_memory_budget_disposes_the_least_recently_used_idle_model_to_admit_another():
+    big = {"memory_mib": 10_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(25_000)}, a=big, b=big, c=big)) as server:
+        await server.chat_completion(chat("a", "hello"))
+        await server.chat_completion(chat("b", "hello"))
+        await server.chat_completion(chat("a", "again"))  # b is now the least recently used
+        assert not [event for event in EVENTS if event[0] == "dispose"], "two models fit"
+        await server.chat_completion(chat("c", "hello"))
+        loaded = sorted(instance["model"] for instance in server.status()["instances"])
+        memory = server.status()["memory"]
+    assert [event for event in EVENTS if event[0] == "dispose"][0] == ("dispose", "b")
+    assert loaded == ["a", "c"]
+    assert memory["used_bytes"] <= memory["budget_bytes"]
+
+
+async def test_a_model_that_cannot_fit_the_memory_budget_is_refused_with_a_503():
+    from lllms_core.errors import ServiceUnavailableError
+
+    budget = budget_for(1_000)
+    async with ModelServer(config({"memory_budget_mib": budget}, huge={"memory_mib": 5_000}, small={"memory_mib": 100})) as server:
+        await server.chat_completion(chat("small", "hello"))
+        with pytest.raises(ServiceUnavailableError) as refused:
+            await server.chat_completion(chat("huge", "hello"))
+        assert any(event[:2] == ("load", "small") for event in EVENTS) and not any(event[:2] == ("load", "huge") for event in EVENTS)
+    assert refused.value.status == 503 and refused.value.code == "memory_budget_exceeded"
+    assert "5000 MiB" in refused.value.message and f"memory budget is {budget} MiB" in refused.value.message
+
+
+async def test_a_conversation_in_the_prompt_cache_takes_the_least_recently_used_slot_rather_than_a_new_instance():
+    import msgspec
+
+    from lllms_core.context import chat_key
+    from lllms_core.schemas import ChatCompletionRequest
+
+    async with ModelServer(config(m={"slots": 2, "max_instances": 2, "reply": "ok"})) as server:
+        await server.chat_completion(chat("m", "apples"))
+        await server.chat_completion(chat("m", "bananas"))
+        # a state of another conversation, saved before (the fake engine saves none itself)
+        follow_up = chat("m", "cherries", "ok", "more")
+        key = chat_key(msgspec.convert(follow_up, ChatCompletionRequest).messages[:-1])
+        server.pool.caches["m"].put(list(range(64)), b"state", 5, key)
+        await server.chat_completion(follow_up)
+        instances = server.status()["instances"]
+        await server.chat_completion(chat("m", "dates"))  # nothing saved: a new instance
+        more = server.status()["instances"]
+    assert len(instances) == 1, "restoring a saved state needs no new instance"
+    assert tasks()[2][2] == tasks()[0][2] and tasks()[2][3] is True, "apples' slot, the least recently used, reset"
+    assert len(more) == 2

@@ -77,6 +77,8 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reply: str | None = None
     chat_template: str | None = None
     """A chat template, read by the core only for whether the model thinks (``<think>``)."""
+    memory_mib: int = 0
+    """Memory an instance reports holding (for the pool's memory budget)."""
 
 
 class FakeEngine(Engine):
@@ -96,13 +98,17 @@ class FakeEngine(Engine):
     def gpu_available(self):
         return True  # pretend, so that the pool's GPU rules can be tested
 
+    def memory_estimate(self, model, location, device):
+        return model.options.memory_mib * 1024 * 1024
+
     async def create_instance(self, model, prepared, device):
         options: FakeOptions = model.options
         await trio.sleep(options.load_delay)
         if sum(1 for event in EVENTS if event[:2] == ("load-failed", model.id)) < options.fail_loads:
             EVENTS.append(("load-failed", model.id))
             raise ModelLoadError(f"fake model {model.id!r} refuses to load")
-        instance = EngineInstance(slots=options.slots, limiter=trio.CapacityLimiter(options.slots))
+        instance = EngineInstance(slots=options.slots, limiter=trio.CapacityLimiter(options.slots),
+                                  memory_bytes=options.memory_mib * 1024 * 1024)
         instance.model_id = model.id
         instance.gpu = device.gpu
         instance.chat_template = options.chat_template

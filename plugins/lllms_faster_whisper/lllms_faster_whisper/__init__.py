@@ -13,7 +13,6 @@ faster_whisper is imported when a model is loaded, never when this module is imp
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -21,10 +20,13 @@ import msgspec
 import trio
 
 from lllms_core.plugin_api import (
+    Choice,
     Device,
     Engine,
     EngineInstance,
+    cpu_threads,
     hookimpl,
+    log_choices,
     ModelLoadError,
 )
 
@@ -35,7 +37,7 @@ class FasterWhisperOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=T
     """Options of a ``faster-whisper`` model (flat in its table)."""
 
     parallel: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    """Requests an instance transcribes at once (CTranslate2 workers); default: one per two cores."""
+    """Requests an instance transcribes at once (CTranslate2 workers); default: one per two physical cores this process may use (affinity and cgroup quota respected)."""
     compute_type: str = "default"
     """CTranslate2's computation type: ``default`` (the weights' own, float32 on a CPU for
     float16 weights), ``int8`` (about twice as fast on a CPU, less accurate: tiny.en mishears
@@ -80,9 +82,19 @@ class FasterWhisperEngine(Engine):
         from lllms_faster_whisper.transcriber import Transcriber
 
         options: FasterWhisperOptions = model.options
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        parallel = options.parallel or max(1, cores // 2)
-        threads = device.cpu_threads or max(1, cores // parallel)
+        cores = cpu_threads(None)  # the physical cores this process may use
+        parallel = (
+            Choice(options.parallel, "parallel", user=True)
+            if options.parallel
+            else Choice(max(1, cores.value // 2), f"one worker per two of {cores.value} cores ({cores.reason})")
+        )
+        threads = (
+            cpu_threads(device.cpu_threads)
+            if device.cpu_threads
+            else Choice(max(1, cores.value // parallel.value), f"{cores.value} cores shared by {parallel.value} workers")
+        )
+        log_choices(model.id, {"parallel": parallel, "cpu_threads": threads})
+        parallel, threads = parallel.value, threads.value
         transcriber = await trio.to_thread.run_sync(
             Transcriber.load, prepared, options, "cuda" if device.gpu else "cpu", threads, parallel
         )

@@ -38,8 +38,10 @@ from lllms_core.plugin_api import (
     TextCompletionRequest,
     Usage,
     config_messages,
+    cpu_threads,
     default_cache_dir,
     fit_messages,
+    log_choices,
     normalize_embedding,
     tool_format_for,
     tool_setup,
@@ -269,6 +271,8 @@ class Gpt4AllEngine(Engine):
         from lllms_gpt4all.native import NativeModel
 
         options: Gpt4AllOptions = model.options or Gpt4AllOptions()
+        threads = cpu_threads(device.cpu_threads)
+        log_choices(model.id, {"cpu_threads": threads})
         context_size = model.context_size or DEFAULT_CONTEXT_SIZE
         if prepared.embedding and model.context_size is None and prepared.trained_context:
             context_size = min(context_size, prepared.trained_context)
@@ -282,7 +286,7 @@ class Gpt4AllEngine(Engine):
                 gpu_layers=ALL_LAYERS if gpu_layers is None or gpu_layers < 0 else gpu_layers,
                 backend=backend,
                 gpu_device=gpu_device,
-                threads=device.cpu_threads,
+                threads=threads.value,
                 batch_size=options.batch_size,
             )
 

@@ -46,7 +46,8 @@ def test_a_tool_result_reaches_the_answer(client):
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "Sunny and 31 degrees."},
-        {"role": "user", "content": "So, is it warm in Paris today?"},
+        # asked whether it is warm, the 135M model answers from what it knows of Paris
+        {"role": "user", "content": "What did the tool say?"},
     ]  # fmt: skip
     choice = chat(client, messages, tools=[WEATHER]).choices[0]
     assert not choice.message.tool_calls

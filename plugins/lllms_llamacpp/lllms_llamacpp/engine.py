@@ -22,6 +22,7 @@ from msgspec import Meta
 
 from lllms_core.plugin_api import (
     ChatCompletionRequest,
+    Choice,
     ChunkSink,
     CompletionChunk,
     CompletionResult,
@@ -44,8 +45,14 @@ from lllms_core.plugin_api import (
     TokenizeRequest,
     TokenizeResult,
     Usage,
+    choose_sequences,
     common_prefix,
     cosine_rerank,
+    cpu_threads,
+    default_memory_budget,
+    describe_choices,
+    log_choices,
+    model_file_digest,
     normalize_embedding,
 )
 
@@ -80,8 +87,12 @@ class Prepared(NamedTuple):
 class LlamaCppOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     """Options of a llamacpp model, written flat in the model's table."""
 
-    parallel: Annotated[int, Meta(ge=1, le=64)] = 4
-    """Sequences (slots) one instance processes at once, batched together."""
+    parallel: Annotated[int, Meta(ge=1, le=64)] | None = None
+    """Sequences (slots) one instance processes at once, batched together; none: chosen
+    from the machine's cores and memory (see docs/configuration.md)."""
+    kv_unified: bool | None = None
+    """One KV cache shared by all sequences, or one per sequence; none: chosen per
+    configuration (see docs/engines/llamacpp.md)."""
     batch_size: Annotated[int, Meta(ge=1)] = 512
     """Most tokens decoded in one step (llama.cpp's n_batch)."""
     ubatch_size: Annotated[int, Meta(ge=1)] = 512
@@ -101,7 +112,9 @@ class LlamaCppOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     verified by the store, like the model), a path, or ``{url, file, sha256}``."""
 
 
-DEFAULT_CONTEXT_PER_SEQUENCE = 4096
+COMPUTE_BUFFER_BYTES_PER_BATCH_TOKEN = 4
+"""An upper bound of llama.cpp's buffers beside weights and KV: logits (one float per
+vocabulary entry) of every token of a batch."""
 
 
 class LlamaCppInstance(EngineInstance):
@@ -119,9 +132,13 @@ class LlamaCppInstance(EngineInstance):
     projector: Any = None
     """The multimodal projector (:class:`lllms_llamacpp.vision.Projector`), if configured."""
 
+    defaults: dict[str, Any]
+    """What was chosen for the machine (threads, sequences, context) and why."""
+
     def info(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
             "device": self.device_info,
+            "defaults": self.defaults,
             "context_per_sequence": self.n_ctx_seq,
             "kv_bytes_per_token": self.model.kv_bytes_per_token,
         }
@@ -256,7 +273,11 @@ def options_of(model: "ModelConfig") -> LlamaCppOptions:
 def load_instance(
     model_config: "ModelConfig", path: str | os.PathLike, device: Device, projector: str | os.PathLike | None = None
 ) -> LlamaCppInstance:
-    """Load a model and create its context (and scheduler, and multimodal projector); blocking."""
+    """Load a model and create its context (and scheduler, and multimodal projector); blocking.
+
+    What the configuration leaves open is chosen for the machine: one thread per physical
+    core this process may use, sequences and context per sequence from the cores and the
+    memory budget (see docs/configuration.md), and the KV layout."""
     from lllms_core.plugin_api import ChatTemplate
 
     from lllms_llamacpp.native import Context, ContextSettings, Model
@@ -265,40 +286,55 @@ def load_instance(
     options = options_of(model_config)
     gpu_layers = device.gpu_layers if device.gpu_layers is not None else (-1 if device.gpu else 0)
     model = Model(str(path), gpu_layers=999 if gpu_layers < 0 else gpu_layers, mmap=options.mmap, mem_lock=device.mem_lock)
-    # one thread per physical core (about half the logical CPUs): ggml's threads spin, and
-    # oversubscribed they slow decoding down by an order of magnitude
-    threads = device.cpu_threads or max(1, (os.cpu_count() or 2) // 2)
-    n_ctx_seq = model_config.context_size or min(model.n_ctx_train or DEFAULT_CONTEXT_PER_SEQUENCE, DEFAULT_CONTEXT_PER_SEQUENCE)
-    parallel = options.parallel
-    instance = LlamaCppInstance(slots=parallel, model=model, n_ctx_seq=n_ctx_seq, options=options,
-                                scheduler=None, context=None, embed_context=None, template=None)
+    threads = cpu_threads(device.cpu_threads)
+    embedding = model_config.task in ("embedding", "rerank")  # an embedding context, no KV cache kept
+    parallel, context = choose_sequences(
+        parallel=options.parallel,
+        context_size=model_config.context_size,
+        trained_context=model.n_ctx_train,
+        kv_bytes_per_token=0 if embedding else model.kv_bytes_per_token,
+        weights_bytes=model.size_bytes,
+        threads=threads.value,
+        memory=device.memory_budget or default_memory_budget(),
+    )
+    kv_unified = kv_layout(options.kv_unified, parallel.value)
+    choices = {"cpu_threads": threads, "parallel": parallel, "context_size": context}
+    if not embedding:
+        choices["kv_unified"] = kv_unified
+    log_choices(model_config.id, choices)
+    n_ctx_seq = context.value
+    instance = LlamaCppInstance(slots=parallel.value, model=model, n_ctx_seq=n_ctx_seq, options=options,
+                                scheduler=None, context=None, embed_context=None, template=None,
+                                defaults=describe_choices(choices))
     instance.device_info = {
         "gpu": device.gpu,
         "name": device.name,
         "gpu_layers": gpu_layers,
-        "cpu_threads": threads,
+        "cpu_threads": threads.value,
         "mem_lock": device.mem_lock,
     }
     lora = [(adapter.path, adapter.scale) for adapter in options.lora]
     try:
-        if model_config.task in ("embedding", "rerank"):
+        if embedding:
             instance.embed_context = Context(
                 model,
-                ContextSettings(n_ctx=n_ctx_seq, n_seq=parallel, n_batch=n_ctx_seq, n_ubatch=n_ctx_seq,
-                                threads=threads, flash_attention=options.flash_attention, embeddings=True,
+                ContextSettings(n_ctx=n_ctx_seq, n_seq=parallel.value, n_batch=n_ctx_seq, n_ubatch=n_ctx_seq,
+                                threads=threads.value, flash_attention=options.flash_attention, embeddings=True,
                                 rank=model_config.task == "rerank" and model.ranks),
                 lora,
             )
+            instance.memory_bytes = model.size_bytes + n_ctx_seq * model.n_vocab * COMPUTE_BUFFER_BYTES_PER_BATCH_TOKEN
             return instance
-        spare = parallel
-        batch = max(options.batch_size, 2 * parallel)
+        spare, n_ctx = sequence_cells(parallel.value, n_ctx_seq, kv_unified.value)
+        batch = max(options.batch_size, 2 * parallel.value)
         instance.context = Context(
             model,
-            ContextSettings(n_ctx=n_ctx_seq * parallel, n_seq=parallel + spare, n_batch=batch,
-                            n_ubatch=min(options.ubatch_size, batch), threads=threads,
-                            flash_attention=options.flash_attention),
+            ContextSettings(n_ctx=n_ctx, n_seq=parallel.value + spare, n_batch=batch,
+                            n_ubatch=min(options.ubatch_size, batch), threads=threads.value,
+                            flash_attention=options.flash_attention, kv_unified=kv_unified.value),
             lora,
         )
+        instance.memory_bytes = instance_memory(model.size_bytes, instance.context.kv_bytes, options, model.n_vocab)
         instance.chat_template = options.chat_template or model.chat_template
         instance.template = ChatTemplate(
             options.chat_template or model.chat_template,
@@ -311,16 +347,37 @@ def load_instance(
         if projector is not None:
             from lllms_llamacpp.vision import Projector
 
-            instance.projector = Projector(model, str(projector), threads=threads, gpu=gpu_layers != 0)
+            instance.projector = Projector(model, str(projector), threads=threads.value, gpu=gpu_layers != 0)
         instance.scheduler = Scheduler(
-            model, instance.context, slots=parallel, spare=spare, n_ctx_seq=n_ctx_seq,
+            model, instance.context, slots=parallel.value, spare=spare, n_ctx_seq=n_ctx_seq,
             prompt_chunk=max(32, min(options.ubatch_size, batch) // 4), projector=instance.projector,
         )
-        instance.slot_states = instance.scheduler.sequences[:parallel]
+        instance.slot_states = instance.scheduler.sequences[: parallel.value]
     except BaseException:
         instance.close()
         raise
     return instance
+
+
+def sequence_cells(parallel: int, n_ctx_seq: int, unified: bool) -> tuple[int, int]:
+    """Spare sequences (the extra choices of ``n > 1``, extra prompts) and the KV cells of the
+    context. A spare copies its prompt: free in a unified cache, where cells are shared and
+    ``parallel × n_ctx_seq`` of them serve all; a whole per-sequence cache each otherwise."""
+    if unified:
+        return parallel, n_ctx_seq * parallel
+    spare = max(1, parallel // 4)
+    return spare, n_ctx_seq * (parallel + spare)
+
+
+def instance_memory(weights: int, kv: int, options: LlamaCppOptions, n_vocab: int) -> int:
+    return weights + kv + options.ubatch_size * n_vocab * COMPUTE_BUFFER_BYTES_PER_BATCH_TOKEN
+
+
+def kv_layout(setting: bool | None, parallel: int) -> Choice:
+    """Whether the sequences share one KV cache (see docs/engines/llamacpp.md for the measurements)."""
+    if setting is not None:
+        return Choice(setting, "kv_unified", user=True)
+    return Choice(True, "one KV cache for all sequences: prefixes are shared without copies")
 
 
 def check_grammar(grammar: str, param: str) -> None:
@@ -351,6 +408,11 @@ class LlamaCppEngine(Engine):
         }
     )
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._gguf: dict[str, dict[str, int] | None] = {}
+        """What each prepared model's GGUF header says about its memory, by model id."""
+
     def gpu_available(self) -> bool:
         """Whether this llama.cpp build can offload to a GPU (a CPU-only build cannot)."""
         import llama_cpp
@@ -358,7 +420,12 @@ class LlamaCppEngine(Engine):
         return bool(llama_cpp.llama_supports_gpu_offload())
 
     async def prepare_model(self, model: "ModelConfig", location: Path | None) -> Any:
-        """The model's file, and its multimodal projector fetched and verified as a companion file."""
+        """The model's file (its GGUF header read for what an instance will take), and its
+        multimodal projector fetched and verified as a companion file."""
+        if location is not None and location.is_file():
+            from lllms_llamacpp.native import gguf_facts
+
+            self._gguf[model.id] = await trio.to_thread.run_sync(gguf_facts, str(location))
         projector = options_of(model).mmproj
         if projector is None:
             return location
@@ -379,6 +446,62 @@ class LlamaCppEngine(Engine):
 
     async def dispose_instance(self, instance: EngineInstance) -> None:
         await trio.to_thread.run_sync(instance.close)
+
+    def memory_estimate(self, model: "ModelConfig", location: Path | None, device: Device) -> int | None:
+        """The weights, and the KV cache of the sequences and context :func:`load_instance`
+        will choose, once the model's GGUF header was read; before, the file's size."""
+        facts = self._gguf.get(model.id)
+        if facts is None or model.task in ("embedding", "rerank"):
+            return super().memory_estimate(model, location, device)
+        options = options_of(model)
+        parallel, context = choose_sequences(
+            parallel=options.parallel,
+            context_size=model.context_size,
+            trained_context=facts["n_ctx_train"],
+            kv_bytes_per_token=facts["kv_bytes_per_token"],
+            weights_bytes=facts["weights_bytes"],
+            threads=cpu_threads(device.cpu_threads).value,
+            memory=device.memory_budget or default_memory_budget(),
+        )
+        _, n_ctx = sequence_cells(parallel.value, context.value, kv_layout(options.kv_unified, parallel.value).value)
+        return instance_memory(facts["weights_bytes"], facts["kv_bytes_per_token"] * n_ctx, options, facts["n_vocab"])
+
+    async def state_signature(self, model: "ModelConfig", instance: EngineInstance) -> dict[str, Any] | None:
+        """A saved sequence state holds KV cells as this build lays them out for this model,
+        its adapters and projector and the cache's layout: all of that must match to restore it."""
+        if instance.scheduler is None:
+            return None
+        from importlib.metadata import version
+
+        import llama_cpp
+
+        verified = self.store.verified if self.store is not None else None
+
+        def digests() -> tuple[str, list, str | None]:
+            lora = [(model_file_digest(Path(a.path), verified), a.scale) for a in instance.options.lora]
+            projector = instance.projector
+            return (
+                model_file_digest(Path(instance.model.path), verified),
+                lora,
+                model_file_digest(Path(projector.path), verified) if projector is not None else None,
+            )
+
+        model_digest, lora, projector = await trio.to_thread.run_sync(digests)
+        settings = instance.context.settings
+        return {
+            "model_sha256": model_digest,
+            "engine": f"lllms-llamacpp {version('lllms-llamacpp')}",
+            "llama_cpp": llama_cpp.__version__,
+            "kv_unified": settings.kv_unified,
+            "sequences": None if settings.kv_unified else settings.n_seq,
+            "flash_attention": settings.flash_attention,
+            "lora": lora,
+            "projector_sha256": projector,
+        }
+
+    async def save_states(self, instance: EngineInstance, cache, keys: list[tuple[str, ...]]) -> None:
+        if instance.scheduler is not None:
+            await trio.to_thread.run_sync(instance.scheduler.save_all, cache, keys)
 
     # --- tasks ------------------------------------------------------------------
 
@@ -410,7 +533,7 @@ class LlamaCppEngine(Engine):
         from lllms_llamacpp.scheduler import Job
 
         job = Job(prompt=prompt[: instance.n_ctx_seq - 1], seq=context.slot, sampler=None, max_new=0,
-                  evaluate_only=True, fresh=context.fresh)
+                  evaluate_only=True, fresh=context.fresh, cache=context.prompt_cache)
         await self._run(instance, [job], None)
 
     async def chat_completion(
@@ -655,6 +778,8 @@ class LlamaCppEngine(Engine):
                         after=first,
                         fresh=context.fresh and index == 0,
                         thinking=ThinkingBudget.for_request(instance.chat_template, request),
+                        cache=context.prompt_cache if index == 0 else None,
+                        previous_key=context.previous_key,
                     )
                     if media and number == 0:
                         job.media = dict(media)

@@ -59,6 +59,91 @@ def quiet_llama_logs() -> None:
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+_GGUF_INTEGERS = {0: ctypes.c_uint8, 1: ctypes.c_int8, 2: ctypes.c_uint16, 3: ctypes.c_int16, 4: ctypes.c_uint32,
+                  5: ctypes.c_int32, 10: ctypes.c_uint64, 11: ctypes.c_int64}
+_GGUF_ARRAY = 9
+
+
+def _ggml_base():
+    """ggml's own library, which llama_cpp loaded (it holds the GGUF reader)."""
+    folder = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    name = next(n for n in sorted(os.listdir(folder)) if n.startswith(("libggml-base.", "ggml-base.")))
+    lib = ctypes.CDLL(os.path.join(folder, name))
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_find_key.restype = ctypes.c_int64
+    for function in ("gguf_get_kv_type", "gguf_get_arr_type"):
+        getattr(lib, function).argtypes = [ctypes.c_void_p, ctypes.c_int64]
+        getattr(lib, function).restype = ctypes.c_int
+    lib.gguf_get_arr_n.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_arr_n.restype = ctypes.c_size_t
+    lib.gguf_get_arr_data.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_arr_data.restype = ctypes.c_void_p
+    lib.gguf_get_val_data.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_val_data.restype = ctypes.c_void_p
+    lib.gguf_get_val_str.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_val_str.restype = ctypes.c_char_p
+    return lib
+
+
+def gguf_facts(path: str) -> dict[str, int] | None:
+    """What a GGUF file's header says about its size in memory, without loading it: the
+    weights' bytes, the training context and the KV bytes per token (f16 keys and values);
+    None when the header does not say."""
+    lib = _ggml_base()
+    context = lib.gguf_init_from_file(path.encode(), _GgufInitParams(True, None))
+    if not context:
+        return None
+    try:
+        def string(key: str) -> str | None:
+            found = lib.gguf_find_key(context, key.encode())
+            return lib.gguf_get_val_str(context, found).decode() if found >= 0 else None
+
+        def integer(key: str) -> int | None:
+            """A number, or the largest of an array of them (per-layer values)."""
+            found = lib.gguf_find_key(context, key.encode())
+            if found < 0:
+                return None
+            kind = lib.gguf_get_kv_type(context, found)
+            if kind == _GGUF_ARRAY:
+                element = _GGUF_INTEGERS.get(lib.gguf_get_arr_type(context, found))
+                count = lib.gguf_get_arr_n(context, found)
+                if element is None or not count:
+                    return None
+                return max((element * count).from_address(lib.gguf_get_arr_data(context, found)))
+            element = _GGUF_INTEGERS.get(kind)
+            return element.from_address(lib.gguf_get_val_data(context, found)).value if element else None
+
+        architecture = string("general.architecture")
+        if architecture is None:
+            return None
+        facts = {name: integer(f"{architecture}.{key}") for name, key in (
+            ("n_layer", "block_count"), ("n_head", "attention.head_count"), ("n_head_kv", "attention.head_count_kv"),
+            ("n_embd", "embedding_length"), ("key_length", "attention.key_length"),
+            ("value_length", "attention.value_length"), ("n_ctx_train", "context_length"),
+        )}  # fmt: skip
+        tokens = lib.gguf_find_key(context, b"tokenizer.ggml.tokens")
+        facts["n_vocab"] = lib.gguf_get_arr_n(context, tokens) if tokens >= 0 else 0
+    finally:
+        lib.gguf_free(context)
+    if not (facts["n_layer"] and facts["n_embd"] and facts["n_head"]):
+        return None
+    head = facts["n_embd"] // facts["n_head"]
+    per_layer = (facts["key_length"] or head) + (facts["value_length"] or head)
+    return {
+        "weights_bytes": os.path.getsize(path),
+        "n_ctx_train": facts["n_ctx_train"] or 0,
+        "n_vocab": facts["n_vocab"],
+        "kv_bytes_per_token": 2 * facts["n_layer"] * per_layer * (facts["n_head_kv"] or facts["n_head"]),
+    }
+
+
 class Model:
     """A loaded GGUF model and its vocabulary (read-only, so usable from any thread)."""
 
@@ -79,6 +164,7 @@ class Model:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.pointer)
         self.n_embd = llama_cpp.llama_model_n_embd(self.pointer)
+        self.size_bytes = llama_cpp.llama_model_size(self.pointer)
         self.metadata = self._read_metadata()
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
@@ -214,6 +300,9 @@ class ContextSettings:
     embeddings: bool = False
     rank: bool = False
     """With ``embeddings``: rank pooling, the pooled output of a sequence is its reranker score(s)."""
+    kv_unified: bool = True
+    """One KV cache for all sequences (cells shared, prefixes copied without data); else
+    one per sequence (each of ``n_ctx / n_seq`` cells, attention scans only its own)."""
 
 
 class Context:
@@ -227,7 +316,7 @@ class Context:
         params.n_seq_max = settings.n_seq
         params.n_threads = settings.threads
         params.n_threads_batch = settings.threads
-        params.kv_unified = True
+        params.kv_unified = settings.kv_unified
         params.no_perf = True
         params.embeddings = settings.embeddings
         if settings.embeddings:
@@ -245,6 +334,7 @@ class Context:
                 f"llama.cpp could not create a context of {settings.n_ctx} tokens for {model.path!r} (out of memory?)"
             )
         self.memory = llama_cpp.llama_get_memory(self.pointer)
+        self.kv_bytes = llama_cpp.llama_n_ctx(self.pointer) * model.kv_bytes_per_token
         self.n_batch = llama_cpp.llama_n_batch(self.pointer)
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.adapters = []
@@ -302,7 +392,39 @@ class Context:
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq, start, -1))
 
     def copy(self, source: int, target: int, length: int) -> None:
-        llama_cpp.llama_memory_seq_cp(self.memory, source, target, 0, length)
+        """Make ``target`` hold the first ``length`` positions of ``source``."""
+        if self.settings.kv_unified:  # the cells are shared: only their sequence sets change
+            llama_cpp.llama_memory_seq_cp(self.memory, source, target, 0, length)
+            return
+        # across per-sequence caches llama.cpp copies only whole ones; the tail is cut after
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self.memory, target, length, -1)
+
+    # --- saved states -------------------------------------------------------------
+
+    def save_state(self, seq: int) -> bytearray:
+        """A copy of one sequence's memory (its KV cells with their positions), in host RAM."""
+        size = llama_cpp.llama_state_seq_get_size_ext(self.pointer, seq, 0)
+        data = bytearray(size)
+        if size:
+            written = llama_cpp.llama_state_seq_get_data_ext(
+                self.pointer, (ctypes.c_uint8 * size).from_buffer(data), size, seq, 0
+            )
+            del data[written:]
+        return data
+
+    def restore_state(self, seq: int, data) -> bool:
+        """Replace a sequence's memory with a saved one (from ``save_state`` of a context with
+        the same model and settings); False when llama.cpp could not (no room, wrong layout)."""
+        size = len(data)
+        read, reason = native_error_reason(
+            llama_cpp.llama_state_seq_set_data_ext, self.pointer, (ctypes.c_uint8 * size).from_buffer(data), size, seq, 0
+        )
+        if read != size:
+            log.info("restoring a saved state into sequence %d failed: %s", seq, reason or "no reason given")
+            self.remove(seq)
+            return False
+        return True
 
     def clear(self) -> None:
         if self.memory:

@@ -6,6 +6,13 @@ samples every sequence that needs a token with its own native sampler chain.
 Requests join and leave between steps. The scheduler owns the llama context: no
 other thread touches it.
 
+Saved states: before a sequence holding a conversation is overwritten by another one
+(or cleared for room), its state (tokens and KV cells) goes to the model's prompt cache;
+a prompt that extends a saved state gets it restored into its sequence instead of
+evaluated, when that is longer than what any sequence holds. Both run here, since this
+thread owns the context; a state on disk is read by a helper thread while the request
+waits, so a slow disk never stalls the decode loop.
+
 Hand-off to trio: per step, the scheduler groups the events of each request and
 schedules one callback per request with ``TrioToken.run_sync_soon``, which never
 blocks the scheduler (``trio.from_thread.run_sync`` would wait for the trio loop
@@ -24,7 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from lllms_core.plugin_api import EngineError, LllmsError, TokenLogprob, TopLogprob, common_prefix
+from lllms_core.plugin_api import PROMPT_CACHE_BLOCK as BLOCK
+from lllms_core.plugin_api import (
+    ContextKey,
+    EngineError,
+    LllmsError,
+    PromptCache,
+    TokenLogprob,
+    TopLogprob,
+    common_prefix,
+)
 
 from lllms_llamacpp.native import Context, Model, Sampler, log_softmax
 
@@ -95,6 +111,10 @@ class Job:
     """Start once this job's prompt is evaluated, copying its prompt from that sequence."""
     evaluate_only: bool = False
     fresh: bool = False
+    cache: PromptCache | None = None
+    """The model's prompt cache: the sequence's old state is saved there, a longer one restored."""
+    previous_key: ContextKey = ()
+    """The pool's context key of what the sequence held (the key its saved state is filed under)."""
     delivery: Delivery | None = None
     media: dict = field(default_factory=dict)
     """Prompt position → the image (:class:`lllms_llamacpp.vision.Media`) whose placeholder
@@ -109,6 +129,9 @@ class Job:
     next_token: int | None = None
     generated: int = 0
     cached: int = 0
+    disk_checked: bool = False
+    reading: bool = False
+    """A saved state of the prompt is being read from disk; the job waits for it."""
     cancelled: bool = False
     finished: bool = False
 
@@ -134,6 +157,9 @@ class Scheduler:
         self.outbox: dict[Delivery, list[tuple]] = {}
         self.steps = 0
         self.decoded_tokens = 0
+        self.cache: PromptCache | None = None
+        """The model's prompt cache, once a job brought it: idle sequences cleared for room are saved there."""
+        self.saved = self.restored = 0
         self.thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
         self.thread.start()
 
@@ -150,6 +176,12 @@ class Scheduler:
     def stop(self) -> None:
         self.inbox.put(("stop", None))
         self.thread.join()
+
+    def save_all(self, cache: PromptCache, keys: list[ContextKey]) -> None:
+        """Save every slot's state into ``cache`` (blocking until done: call it in a worker thread)."""
+        done = threading.Event()
+        self.inbox.put(("save", (cache, keys, done)))
+        done.wait()
 
     # --- the loop -----------------------------------------------------------------
 
@@ -169,6 +201,16 @@ class Scheduler:
                     return
                 if command == "submit":
                     self.waiting.extend(jobs)
+                elif command == "read":
+                    jobs.reading = False
+                elif command == "save":
+                    cache, keys, done = jobs
+                    try:
+                        for seq in range(self.slots):
+                            self._save(seq, cache, keys[seq] if seq < len(keys) else ())
+                    except Exception:
+                        log.exception("saving the sequences' states failed")
+                    done.set()
                 try:
                     command, jobs = self.inbox.get_nowait()
                 except queue.Empty:
@@ -203,22 +245,23 @@ class Scheduler:
                 job.seq = free[0]
             elif job.seq in self.busy:
                 continue
+            if job.cache is not None and self._read_first(job):
+                continue
             self.waiting.remove(job)
             self.busy.add(job.seq)
             self._reuse_prefix(job)
             self.active.append(job)
 
-    def _reuse_prefix(self, job: Job) -> None:
-        """Keep the longest common token prefix of the prompt with this sequence, or copy a
-        longer one from another sequence; the rest of the prompt is left to evaluate."""
-        seq, prompt, context = job.seq, job.prompt, self.context
+    def _reusable(self, job: Job) -> int:
+        """How many leading prompt tokens a job may take from memory: the last one must be
+        evaluated for its logits (unless nothing is generated), and no image is cut."""
+        return self._before_media(job, len(job.prompt) if job.evaluate_only else len(job.prompt) - 1)
+
+    def _best_held(self, job: Job) -> tuple[int, int]:
+        """The sequence holding the longest prefix of the job's prompt (its own first), and its length."""
+        seq, prompt, limit = job.seq, job.prompt, self._reusable(job)
         state = self.sequences[seq]
-        if job.fresh:
-            context.remove(seq)
-            state.tokens = []
-        limit = len(prompt) if job.evaluate_only else len(prompt) - 1  # the last token gives the logits
-        limit = self._before_media(job, limit)
-        own = self._before_media(job, min(common_prefix(state.tokens, prompt), limit))
+        own = 0 if job.fresh else self._before_media(job, min(common_prefix(state.tokens, prompt), limit))
         if self.model.recurrent and own < len(state.tokens):
             own = 0
         source, best = seq, own
@@ -227,10 +270,60 @@ class Scheduler:
                 length = self._before_media(job, min(common_prefix(other_state.tokens, prompt), limit))
                 if length > best:
                     source, best = other, length
-        if source != seq:
+        return source, best
+
+    def _read_first(self, job: Job) -> bool:
+        """Whether the job must wait for a saved state of its prompt to be read from disk
+        (started here, once, in a helper thread), because it is longer than any in memory."""
+        self.cache = job.cache
+        if job.reading:
+            return True
+        if job.disk_checked:
+            return False
+        job.disk_checked = True
+        prompt = job.prompt[: self._reusable(job)]
+        _, held = self._best_held(job)
+        if len(prompt) - held < BLOCK or not job.cache.needs_read(prompt, better_than=held):
+            return False
+        job.reading = True
+
+        def read() -> None:
+            try:
+                job.cache.prefetch(prompt, better_than=held)
+            except Exception:
+                log.exception("reading a saved state failed")
+            self.inbox.put(("read", job))
+
+        threading.Thread(target=read, name="llamacpp-state-read", daemon=True).start()
+        return True
+
+    def _reuse_prefix(self, job: Job) -> None:
+        """Keep the longest common token prefix of the prompt with this sequence, or copy a
+        longer one from another sequence, or restore a longer saved state; the rest of the
+        prompt is left to evaluate. What the sequence held beyond the kept prefix is saved
+        to the prompt cache first."""
+        seq, prompt, context = job.seq, job.prompt, self.context
+        state = self.sequences[seq]
+        if job.cache is not None and len(state.tokens) - common_prefix(state.tokens, prompt) >= BLOCK:
+            self._save(seq, job.cache, job.previous_key)
+        if job.fresh:
+            context.remove(seq)
+            state.tokens = []
+        source, best = self._best_held(job)
+        limit = self._reusable(job)
+        found = None
+        if job.cache is not None and limit - best >= BLOCK:  # a saved state could spare a block or more
+            found = job.cache.lookup(prompt[:limit], better_than=best)
+        if found is not None:
+            found = (found[0], self._before_media(job, found[1]))
+        if found is not None and found[1] > best and self._restore(seq, *found):
+            entry, best = found
+            job.cache.restored(entry, best)
+            self.restored += 1
+        elif source != seq:
             context.remove(seq)
             context.copy(source, seq, best)
-        elif not context.remove(seq, own):
+        elif not context.remove(seq, best):
             context.remove(seq)
             best = 0
         state.tokens = prompt[:best]
@@ -266,6 +359,27 @@ class Scheduler:
                 continue
             state.tokens.extend(media.placeholders)
             job.pending = job.pending[media.n_pos :]
+
+    def _save(self, seq: int, cache: PromptCache, key: ContextKey) -> None:
+        """Save the state of a sequence into the prompt cache, unless it holds one already."""
+        tokens = self.sequences[seq].tokens
+        if len(tokens) < BLOCK or cache.holds(tokens):
+            return
+        data = self.context.save_state(seq)
+        if data and cache.put(tokens, data, len(data), key):
+            self.saved += 1
+
+    def _restore(self, seq: int, entry, length: int) -> bool:
+        """Put a saved state into a sequence, cut back to the ``length`` tokens the prompt shares."""
+        data = entry.data  # read once: another thread may evict it meanwhile
+        if data is None or (self.model.recurrent and length < len(entry.tokens)):
+            return False
+        if not self.context.restore_state(seq, data):
+            return False
+        if length < len(entry.tokens) and not self.context.remove(seq, length):
+            self.context.remove(seq)
+            return False
+        return True
 
     def _step(self) -> None:
         if any(job.media for job in self.active):
@@ -392,10 +506,12 @@ class Scheduler:
         release_media(job)
 
     def _evict_idle(self) -> bool:
-        """Free the KV cells of sequences no job uses; True when something was freed."""
+        """Free the KV cells of sequences no job uses (their states saved); True when something was freed."""
         freed = False
         for seq, state in enumerate(self.sequences):
             if seq not in self.busy and state.tokens:
+                if self.cache is not None and seq < self.slots:
+                    self._save(seq, self.cache, ())
                 self.context.remove(seq)
                 state.tokens = []
                 freed = True
@@ -453,6 +569,8 @@ class Scheduler:
             "waiting_jobs": len(self.waiting),
             "decode_steps": self.steps,
             "decoded_tokens": self.decoded_tokens,
+            "states_saved": self.saved,
+            "states_restored": self.restored,
         }
 
 

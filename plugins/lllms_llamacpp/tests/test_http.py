@@ -13,9 +13,9 @@ from lllms_core.http import serve_async
 from lllms_core.testing import BackgroundServer, health_during
 
 
-def config(model_file) -> dict:
+def config(model_file, cache_dir) -> dict:
     return {
-        "server": {"concurrency": 2},
+        "server": {"cache_dir": str(cache_dir), "concurrency": 2},
         "models": {
             "smol": {
                 "engine": "llamacpp",
@@ -28,9 +28,9 @@ def config(model_file) -> dict:
     }
 
 
-async def test_openai_client_chat_stream_tools_and_completions(smollm2_file):
+async def test_openai_client_chat_stream_tools_and_completions(smollm2_file, tmp_path):
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve_async, config(smollm2_file), host="127.0.0.1", port=0))
+        port = await nursery.start(partial(serve_async, config(smollm2_file, tmp_path), host="127.0.0.1", port=0))
 
         def use_the_client() -> None:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60)
@@ -86,8 +86,8 @@ async def test_openai_client_chat_stream_tools_and_completions(smollm2_file):
         nursery.cancel_scope.cancel()
 
 
-def test_a_grammar_that_does_not_parse_is_a_400_before_a_stream_starts(smollm2_file):
-    server = BackgroundServer(config(smollm2_file)).start()
+def test_a_grammar_that_does_not_parse_is_a_400_before_a_stream_starts(smollm2_file, tmp_path):
+    server = BackgroundServer(config(smollm2_file, tmp_path)).start()
     try:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=60, max_retries=0)
 
@@ -106,10 +106,10 @@ def test_a_grammar_that_does_not_parse_is_a_400_before_a_stream_starts(smollm2_f
         server.stop()
 
 
-def test_a_huge_message_and_many_logit_bias_keys_leave_the_server_answering(smollm2_file):
+def test_a_huge_message_and_many_logit_bias_keys_leave_the_server_answering(smollm2_file, tmp_path):
     """Rendering, tokenizing and logit_bias keys run in a worker thread: /health answers at
     once meanwhile (on the event loop they stalled it for 32 s and 5 s)."""
-    settings = config(smollm2_file) | {"http": {"max_body_size": 64 * 1024 * 1024}}
+    settings = config(smollm2_file, tmp_path) | {"http": {"max_body_size": 64 * 1024 * 1024}}
     server = BackgroundServer(settings).start()
     try:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=300, max_retries=0)

@@ -10,9 +10,9 @@ from lllms_core.server import ModelServer
 
 
 
-def config(model_file) -> dict:
+def config(model_file, cache_dir) -> dict:
     return {
-        "server": {"concurrency": 4},
+        "server": {"cache_dir": str(cache_dir), "concurrency": 4},
         "models": {
             "smol": {
                 "engine": "llamacpp",
@@ -33,8 +33,8 @@ def config(model_file) -> dict:
     }
 
 
-async def test_chat_text_and_embeddings_through_the_server(smollm2_file):
-    async with ModelServer(config(smollm2_file)) as server:
+async def test_chat_text_and_embeddings_through_the_server(smollm2_file, tmp_path):
+    async with ModelServer(config(smollm2_file, tmp_path)) as server:
         system = {"role": "system", "content": "Your name is Bartholomew."}
         question = {"role": "user", "content": "What is your name?"}
         first = await server.chat_completion({"model": "smol", "messages": [system, question], "max_tokens": 8})
@@ -52,7 +52,7 @@ async def test_chat_text_and_embeddings_through_the_server(smollm2_file):
         assert len(embedded.embeddings) == 3
 
 
-async def test_concurrent_streams_and_a_forced_tool_call(smollm2_file):
+async def test_concurrent_streams_and_a_forced_tool_call(smollm2_file, tmp_path):
     tool = {
         "type": "function",
         "function": {
@@ -60,7 +60,7 @@ async def test_concurrent_streams_and_a_forced_tool_call(smollm2_file):
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
         },
     }
-    async with ModelServer(config(smollm2_file)) as server:
+    async with ModelServer(config(smollm2_file, tmp_path)) as server:
         answers: dict[str, str] = {}
 
         async def ask(word: str) -> None:
@@ -85,7 +85,7 @@ async def test_concurrent_streams_and_a_forced_tool_call(smollm2_file):
         assert "city" in json.loads(choice.tool_calls[0].function.arguments)
 
 
-async def test_grammar_and_tools_hold_under_concurrency(smollm2_file):
+async def test_grammar_and_tools_hold_under_concurrency(smollm2_file, tmp_path):
     tool = {
         "type": "function",
         "function": {
@@ -101,7 +101,7 @@ async def test_grammar_and_tools_hold_under_concurrency(smollm2_file):
     called = {"model": "smol", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [tool],
               "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 40}
     plain = {"model": "smol", "messages": [{"role": "user", "content": "Count from one to ten."}], "max_tokens": 20}
-    async with ModelServer(config(smollm2_file)) as server:
+    async with ModelServer(config(smollm2_file, tmp_path)) as server:
         results = {}
 
         async def run(name, request):

@@ -60,7 +60,7 @@ from lllms_core.plugin_api import (
     requested_logits_processors,
     tool_setup,
 )
-from lllms_transformers import structured, vision
+from lllms_transformers import states, structured, vision
 
 
 class TextGenerator:
@@ -479,6 +479,9 @@ async def _run_choices(
     """Run ``choices`` choices of one prompt; return (finish reason and stop string by index, usage)."""
     generator: TextGenerator = context.instance.loaded
     state = _slot_state(context)
+    await trio.to_thread.run_sync(
+        states.prepare_slot, state, prompt, context.prompt_cache, context.previous_key, limiter=context.instance.limiter
+    )
     ends: dict[int, tuple[str, str | None]] = {}
     completion_tokens = cached = 0
     # the last choice run stays in the slot's cache: run the first choice last, as the

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import filelock
 
-from lllms_core.plugin_api import Device, ModelLoadError
+from lllms_core.plugin_api import Device, ModelLoadError, cpu_threads, log_choices
 
 log = logging.getLogger("lllms.transformers")
 
@@ -150,9 +150,11 @@ def load(model, prepared: Path, device: Device):
     # a server's log is no terminal: no "Loading weights" progress bars on stderr
     transformers_logging.disable_progress_bar()
 
-    if device.cpu_threads:
-        # process-wide: every torch model of this process uses this many threads
-        torch.set_num_threads(device.cpu_threads)
+    threads = cpu_threads(device.cpu_threads)
+    log_choices(model.id, {"cpu_threads": threads})
+    # process-wide: every torch model of this process uses this many threads (torch's own
+    # default counts cores but not a cgroup's CPU quota)
+    torch.set_num_threads(threads.value)
     target = torch_device(model, device)
     dtype = torch_dtype(model, target)
     try:
@@ -213,3 +215,9 @@ def _load_text(model, prepared: Path, device, dtype):
     limit = getattr(causal.config, "max_position_embeddings", None) or 2048
     context_size = min(model.context_size, limit) if model.context_size else limit
     return TextGenerator(causal, tokenizer, device, context_size)
+
+
+def host_bytes(module) -> int:
+    """Bytes of a loaded model's weights and buffers in host memory (none on an accelerator)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.element_size() * t.nelement() for t in tensors if t.device.type == "cpu")

@@ -93,6 +93,20 @@ def test_a_follow_up_turn_reuses_the_cached_context(client):
     assert cached < second.usage.prompt_tokens
 
 
+def test_a_conversation_whose_slot_went_to_another_comes_back_from_the_prompt_cache(client, base_url):
+    story = [{"role": "user", "content": "Tell me about the lighthouse keeper Ada and her cat Mops, in detail."}]
+    first = ask(client, messages=story, max_tokens=24)
+    ask(client, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=4)  # the one slot changes hands
+    follow_up = story + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "What did the cat do?"},
+    ]
+    second = ask(client, messages=follow_up, max_tokens=4)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    ram = httpx.get(base_url + "/").json()["models"]["smol"]["prompt_cache"]["ram"]
+    assert ram["restores"] >= 1 and ram["bytes"] > 0
+
+
 def test_initial_messages_are_evaluated_before_the_first_request(client):
     pirate = [
         {"role": "system", "content": "You are a pirate. Answer like a pirate."},
