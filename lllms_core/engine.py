@@ -360,3 +360,20 @@ def normalize_embedding(vector: list[float], dimensions: int | None = None) -> l
         vector = vector[:dimensions]
     norm = math.sqrt(sum(value * value for value in vector))
     return [value / norm for value in vector] if norm > 0 else list(vector)
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norms if norms else 0.0
+
+
+async def cosine_rerank(engine: Engine, context: TaskContext, request: "RerankRequest") -> "RerankResult":
+    """Relevance scores as the cosine similarity of each document's embedding with the query's,
+    from ``engine.embedding``: how an embedding model reranks (and an engine's ``rerank`` for a
+    model that has no scoring head of its own)."""
+    from lllms_core.schemas import EmbeddingRequest, RerankResult
+
+    embedded = await engine.embedding(context, EmbeddingRequest(model=request.model, input=[request.query, *request.texts]))
+    query, *documents = embedded.embeddings
+    return RerankResult(scores=[cosine(query, document) for document in documents], prompt_tokens=embedded.prompt_tokens)

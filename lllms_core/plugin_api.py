@@ -71,6 +71,7 @@ from lllms_core.engine import (
     StopStringFilter,
     TaskContext,
     check_token_ids,
+    cosine_rerank,
     normalize_embedding,
 )
 from lllms_core.errors import (
@@ -154,7 +155,7 @@ from lllms_core.schemas import (
 from lllms_core.store import ModelStore, source_fields
 from lllms_core.tasks import Feature, Task
 
-API_VERSION = (1, 1)
+API_VERSION = (1, 2)
 """(major, minor) of this module's contract: the minor number grows with each addition."""
 
 __all__ = [
@@ -179,6 +180,7 @@ __all__ = [
     # helpers
     "StopStringFilter",
     "normalize_embedding",
+    "cosine_rerank",
     "check_token_ids",
     "common_prefix",
     "message_text",

@@ -12,6 +12,8 @@ count it with :class:`ThinkingBudget` and write the closing tag when it runs out
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from lllms_core.chat.markers import partial_marker_length
@@ -131,6 +133,14 @@ class ThinkingBudget:
         self.used = 0
         self.text = ""
         self.closing = syntax.close + "\n\n"
+
+    @classmethod
+    def for_request(cls, chat_template: str | None, request: Any) -> "ThinkingBudget | None":
+        """The budget of one choice of ``request`` (its ``thinking_budget``) on a model with
+        this chat template; None when the request sets none or the model does not think."""
+        budget = getattr(request, "thinking_budget", None)
+        syntax = think_syntax(chat_template) if budget is not None else None
+        return cls(syntax, budget) if syntax is not None else None
 
     @property
     def exhausted(self) -> bool:

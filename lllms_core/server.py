@@ -15,7 +15,7 @@ import trio
 
 from lllms_core.config import Config, load_config
 from lllms_core.context import ContextKey, chat_key, text_key
-from lllms_core.engine import ChunkSink, Engine, TaskContext
+from lllms_core.engine import ChunkSink, Engine, TaskContext, cosine_rerank
 from lllms_core.errors import (
     EngineError,
     InvalidRequestError,
@@ -646,10 +646,7 @@ class ModelServer:
         return await self._run("rerank", request)
 
     async def _cosine_rerank(self, context: TaskContext, request: RerankRequest) -> RerankResult:
-        engine = self.engines[context.model.engine]
-        embedded = await engine.embedding(context, EmbeddingRequest(model=request.model, input=[request.query, *request.texts]))
-        query, *documents = embedded.embeddings
-        return RerankResult(scores=[cosine(query, document) for document in documents], prompt_tokens=embedded.prompt_tokens)
+        return await cosine_rerank(self.engines[context.model.engine], context, request)
 
     async def tokenize(self, request: TokenizeRequest | dict) -> TokenizeResult:
         """Token ids of a text, or of a chat as the model's template renders it."""
@@ -664,9 +661,3 @@ def keep_alive(slot, request: Any) -> None:
     seconds = getattr(request, "keep_alive", None)
     if seconds is not None:
         slot.instance.keep_alive = math.inf if seconds < 0 else seconds
-
-
-def cosine(a: list[float], b: list[float]) -> float:
-    dot = sum(x * y for x, y in zip(a, b))
-    norms = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
-    return dot / norms if norms else 0.0

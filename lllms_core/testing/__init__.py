@@ -8,6 +8,8 @@
   engine of :mod:`lllms_core.testing.fake`.
 - :mod:`lllms_core.testing.conformance`: the engine conformance suite an engine package
   runs against itself (see docs/plugins.md).
+- :mod:`lllms_core.testing.reasoning`: checks of a thinking budget through the OpenAI and
+  Anthropic clients, for engines that declare ``reasoning_budget``.
 """
 
 from __future__ import annotations

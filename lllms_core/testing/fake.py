@@ -54,7 +54,6 @@ from lllms_core.plugin_api import (
     hookimpl,
     message_text,
     normalize_embedding,
-    think_syntax,
 )
 
 EVENTS: list[tuple] = []
@@ -139,9 +138,7 @@ class FakeEngine(Engine):
         generated: list[str] = []
         reason = "stop"
         words = answer.split()
-        syntax = think_syntax(options.chat_template)
-        budget = getattr(request, "thinking_budget", None)
-        thinking = ThinkingBudget(syntax, budget) if syntax is not None and budget is not None else None
+        thinking = ThinkingBudget.for_request(options.chat_template, request)
         position = 0
         while position < len(words):
             word = words[position]

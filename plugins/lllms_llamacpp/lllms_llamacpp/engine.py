@@ -37,13 +37,17 @@ from lllms_core.plugin_api import (
     EngineInstance,
     InvalidRequestError,
     ModelLoadError,
+    RerankRequest,
+    RerankResult,
     TaskContext,
     TextCompletionRequest,
+    ThinkingBudget,
     TokenizeRequest,
     TokenizeResult,
     Usage,
     choose_sequences,
     common_prefix,
+    cosine_rerank,
     cpu_threads,
     default_memory_budget,
     describe_choices,
@@ -283,7 +287,7 @@ def load_instance(
     gpu_layers = device.gpu_layers if device.gpu_layers is not None else (-1 if device.gpu else 0)
     model = Model(str(path), gpu_layers=999 if gpu_layers < 0 else gpu_layers, mmap=options.mmap, mem_lock=device.mem_lock)
     threads = cpu_threads(device.cpu_threads)
-    embedding = model_config.task == "embedding"
+    embedding = model_config.task in ("embedding", "rerank")  # an embedding context, no KV cache kept
     parallel, context = choose_sequences(
         parallel=options.parallel,
         context_size=model_config.context_size,
@@ -315,7 +319,8 @@ def load_instance(
             instance.embed_context = Context(
                 model,
                 ContextSettings(n_ctx=n_ctx_seq, n_seq=parallel.value, n_batch=n_ctx_seq, n_ubatch=n_ctx_seq,
-                                threads=threads.value, flash_attention=options.flash_attention, embeddings=True),
+                                threads=threads.value, flash_attention=options.flash_attention, embeddings=True,
+                                rank=model_config.task == "rerank" and model.ranks),
                 lora,
             )
             instance.memory_bytes = model.size_bytes + n_ctx_seq * model.n_vocab * COMPUTE_BUFFER_BYTES_PER_BATCH_TOKEN
@@ -391,7 +396,7 @@ def check_grammar(grammar: str, param: str) -> None:
 
 class LlamaCppEngine(Engine):
     name = "llamacpp"
-    tasks = frozenset({"chat-completion", "text-completion", "embedding"})
+    tasks = frozenset({"chat-completion", "text-completion", "embedding", "rerank"})
     default_task = "chat-completion"
     options = LlamaCppOptions
     capabilities = frozenset(
@@ -399,7 +404,7 @@ class LlamaCppEngine(Engine):
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "penalty_window",
             "frequency_penalty", "presence_penalty", "logit_bias", "seed", "grammar",
             "n", "logprobs", "json_object", "json_schema", "tools", "echo", "suffix",
-            "token_prompt", "token_input", "pooling", "vision",
+            "token_prompt", "token_input", "pooling", "vision", "reasoning_budget",
         }
     )
 
@@ -446,7 +451,7 @@ class LlamaCppEngine(Engine):
         """The weights, and the KV cache of the sequences and context :func:`load_instance`
         will choose, once the model's GGUF header was read; before, the file's size."""
         facts = self._gguf.get(model.id)
-        if facts is None or model.task == "embedding":
+        if facts is None or model.task in ("embedding", "rerank"):
             return super().memory_estimate(model, location, device)
         options = options_of(model)
         parallel, context = choose_sequences(
@@ -636,6 +641,22 @@ class LlamaCppEngine(Engine):
             prompt_tokens=prompt_tokens,
         )
 
+    async def rerank(self, context: TaskContext, request: RerankRequest) -> RerankResult:
+        """A reranker GGUF scores each (query, document) pair (rank pooling, see
+        :mod:`lllms_llamacpp.rerank`); any other GGUF ranks by the cosine similarity of embeddings."""
+        instance: LlamaCppInstance = context.instance
+        if instance.embed_context is None:
+            raise InvalidRequestError(f"model {context.model.id!r} is not configured for reranking", param="model")
+        if not instance.embed_context.settings.rank:
+            return await cosine_rerank(self, context, request)
+        from lllms_llamacpp.rerank import rank
+
+        scores, tokens = await trio.to_thread.run_sync(
+            rank, instance.model, instance.embed_context, request.query, request.texts, instance.n_ctx_seq,
+            limiter=instance.limiter,
+        )  # fmt: skip
+        return RerankResult(scores=scores, prompt_tokens=tokens)
+
     async def tokenize(self, context: TaskContext, request: TokenizeRequest) -> TokenizeResult:
         instance: LlamaCppInstance = context.instance
         return await trio.to_thread.run_sync(self._tokenize, instance, request, limiter=instance.limiter)
@@ -756,6 +777,7 @@ class LlamaCppEngine(Engine):
                         stream=TextStream(model, CompletionOutput(request.stop_list, tools), shown),
                         after=first,
                         fresh=context.fresh and index == 0,
+                        thinking=ThinkingBudget.for_request(instance.chat_template, request),
                         cache=context.prompt_cache if index == 0 else None,
                         previous_key=context.previous_key,
                     )

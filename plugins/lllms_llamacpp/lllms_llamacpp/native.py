@@ -226,6 +226,11 @@ class Model:
         return POOLING_NAMES.get(int(value)) if value and value.lstrip("-").isdigit() else None
 
     @property
+    def ranks(self) -> bool:
+        """Whether the GGUF is a reranker (pooling type rank: a classifier head scores a sequence)."""
+        return self.metadata.get(f"{self.architecture}.pooling_type") == str(llama_cpp.LLAMA_POOLING_TYPE_RANK)
+
+    @property
     def has_fim(self) -> bool:
         return all(token >= 0 for token in self.fim)
 
@@ -293,6 +298,8 @@ class ContextSettings:
     threads: int
     flash_attention: bool | None = None
     embeddings: bool = False
+    rank: bool = False
+    """With ``embeddings``: rank pooling, the pooled output of a sequence is its reranker score(s)."""
     kv_unified: bool = True
     """One KV cache for all sequences (cells shared, prefixes copied without data); else
     one per sequence (each of ``n_ctx / n_seq`` cells, attention scans only its own)."""
@@ -313,7 +320,7 @@ class Context:
         params.no_perf = True
         params.embeddings = settings.embeddings
         if settings.embeddings:
-            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_RANK if settings.rank else llama_cpp.LLAMA_POOLING_TYPE_NONE
         params.flash_attn_type = {
             None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
             True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,

@@ -119,7 +119,11 @@ class Job:
     media: dict = field(default_factory=dict)
     """Prompt position → the image (:class:`lllms_llamacpp.vision.Media`) whose placeholder
     tokens start there; the job holds their chunks until it is released."""
+    thinking: Any = None
+    """The choice's :class:`~lllms_core.plugin_api.ThinkingBudget`, if its thinking is bounded."""
     # progress, owned by the scheduler thread
+    forced: list[int] = field(default_factory=list)
+    """Tokens written next instead of sampled (the closing of spent thinking)."""
     pending: list[int] = field(default_factory=list)
     prompt_done: bool = False
     next_token: int | None = None
@@ -432,12 +436,16 @@ class Scheduler:
             self._sample(job, index)
 
     def _sample(self, job: Job, index: int) -> None:
-        token = job.sampler.sample(self.context, index)
+        token = self._forced_token(job)
+        if token is None:
+            token = job.sampler.sample(self.context, index)
         logprobs = self._logprobs(job, index, token) if job.top_logprobs is not None else None
         if self.model.is_eog(token):
             self._finish(job, "stop")
             return
         job.generated += 1
+        if job.thinking is not None:
+            job.thinking.advance(self.model.spell([token]).decode("utf-8", "replace"))
         text, stopped = job.stream.push(token)
         if text or logprobs:
             self._emit(job, ("chunk", job.index, text, logprobs))
@@ -447,6 +455,15 @@ class Scheduler:
             self._finish(job, "length")
         else:
             job.next_token = token
+
+    def _forced_token(self, job: Job) -> int | None:
+        """The next token of the closing tag once the job's thinking budget is spent (the
+        sampler chain does not see it: a grammar or penalty applies to what the model writes)."""
+        thinking = job.thinking
+        if thinking is not None and thinking.exhausted:
+            thinking.closed()
+            job.forced = self.model.tokenize(thinking.closing, add_special=False, parse_special=True)
+        return job.forced.pop(0) if job.forced else None
 
     def _logprobs(self, job: Job, index: int, token: int) -> list[TokenLogprob]:
         logprobs = log_softmax(self.context.logits(index).astype("float64"))

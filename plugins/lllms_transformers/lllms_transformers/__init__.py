@@ -53,6 +53,8 @@ class TransformersOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     """Speech: the most tokens generated per 30 s chunk; default: what the model allows."""
     trust_remote_code: bool = False
     """Let transformers run Python code shipped with the model."""
+    chat_template: str | None = None
+    """A Jinja chat template replacing the model's own."""
     caption_prompt: str | None = None
     """Image to text: the prompt when a request gives none (Florence-2: a task token such as
     ``<OCR>``; default ``<MORE_DETAILED_CAPTION>`` for Florence-2, none for others)."""
@@ -75,7 +77,7 @@ class TransformersEngine(Engine):
             "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
             "logit_bias", "seed", "grammar",
             "n", "logprobs", "json_object", "json_schema", "tools", "echo", "token_prompt",
-            "token_input", "pooling", "vision", "image_embeddings", "translate",
+            "token_input", "pooling", "vision", "image_embeddings", "translate", "reasoning_budget",
         }
     )  # fmt: skip
     logits_processors = True

@@ -48,6 +48,7 @@ from lllms_core.plugin_api import (
     InvalidRequestError,
     RenderedPrompt,
     TextCompletionRequest,
+    ThinkingBudget,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -151,6 +152,8 @@ class Sampling:
     """None: no logprobs; else how many alternatives per token."""
     plugin_processors: list[Callable[[], Callable]]
     """Builders of the requested plugin samplers' ``fn(token_ids, logits) -> logits``, one call per choice."""
+    thinking: Callable[[], ThinkingBudget | None] = lambda: None
+    """A new thinking budget for each choice (None: its thinking is unbounded)."""
 
 
 SAMPLING_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repeat_penalty": "repetition_penalty"}
@@ -194,6 +197,7 @@ def _sampling(engine, request, generator: "TextGenerator", top_logprobs: int | N
         stops=request.stop_list,
         top_logprobs=top_logprobs,
         plugin_processors=requested_logits_processors(engine.samplers, request),
+        thinking=lambda: ThinkingBudget.for_request(generator.template.source if generator.template else None, request),
     )
 
 
@@ -264,6 +268,28 @@ class SeededSampler(LogitsProcessor):
         chosen = torch.multinomial(probabilities, num_samples=1, generator=self.generator)
         only = torch.full_like(scores, -float("inf"))
         return only.scatter_(1, chosen, 0.0)
+
+
+class ThinkingLimit(LogitsProcessor):
+    """Once a choice's thinking budget is spent, forces the tokens of the closing tag: the
+    last processor, it overrides whatever was chosen."""
+
+    def __init__(self, budget: ThinkingBudget, tokenizer, prompt_length: int):
+        self.budget = budget
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.forced: list[int] = []
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] > self.prompt_length:
+            self.budget.advance(self.tokenizer.decode(input_ids[0, -1:]))
+        if self.budget.exhausted:
+            self.budget.closed()
+            self.forced = self.tokenizer(self.budget.closing, add_special_tokens=False)["input_ids"]
+        if not self.forced:
+            return scores
+        only = torch.full_like(scores, -float("inf"))
+        return only.index_fill_(1, torch.tensor([self.forced.pop(0)], device=scores.device), 0.0)
 
 
 class IncrementalDecoder:
@@ -408,6 +434,9 @@ def generate_choice(
             processors.append(MinPLogitsWarper(sampling.min_p))
         seed = sampling.seed + index if sampling.seed is not None else secrets.randbits(63)
         processors.append(SeededSampler(seed))
+    thinking = sampling.thinking()
+    if thinking is not None:
+        processors.append(ThinkingLimit(thinking, generator.tokenizer, len(prompt)))
 
     handler = TokenHandler(generator, output, shown, sink, index, recorder, sampling.top_logprobs or 0)
     config = GenerationConfig(

@@ -209,6 +209,8 @@ def _load_text(model, prepared: Path, device, dtype):
         return load_vision_language(model, prepared, device, dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(prepared, local_files_only=True, trust_remote_code=model.options.trust_remote_code)
+    if model.options.chat_template:
+        tokenizer.chat_template = model.options.chat_template
     causal = load_pretrained(AutoModelForCausalLM, prepared, model, device, dtype)
     limit = getattr(causal.config, "max_position_embeddings", None) or 2048
     context_size = min(model.context_size, limit) if model.context_size else limit

