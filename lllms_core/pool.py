@@ -471,12 +471,15 @@ class ModelPool:
     # --- memory -----------------------------------------------------------------
 
     def _memory_used(self) -> int:
-        """What counts against the budget: the server itself, its instances and its prompt caches."""
-        return (
+        """What counts against the budget: the server itself, its instances and its prompt
+        caches, or the process's resident memory when that is more (what engines hold beyond
+        what they report, a heap that grew)."""
+        accounted = (
             self.baseline
             + sum(instance.footprint for instance in self.instances.values())
             + sum(cache.ram_bytes for cache in self.caches.values())
         )
+        return max(accounted, process_rss())
 
     def _measure_baseline(self) -> None:
         """What the process holds beside its instances and caches, read while no instance is
@@ -572,8 +575,8 @@ class ModelPool:
         for model_id, cache in self.caches.items():
             if freeing >= excess:
                 break
-            if model_id != model.id and not any(i.model.id == model_id for i in self.instances.values()):
-                excess -= cache.ram_bytes
+            if (model is None or model_id != model.id) and not any(i.model.id == model_id for i in self.instances.values()):
+                freeing += cache.ram_bytes
                 cache.clear_ram()
 
     def _fit_memory(self) -> None:

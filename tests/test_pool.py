@@ -7,6 +7,7 @@ import trio
 
 from lllms_core.errors import ModelLoadError, QueueFullError, RequestTimeoutError
 from lllms_core.server import ModelServer
+from lllms_core.machine import MIB
 from lllms_core.testing.fake import EVENTS
 
 pytestmark = pytest.mark.timeout(30)
@@ -251,6 +252,20 @@ async def test_the_memory_budget_disposes_the_least_recently_used_idle_model_to_
     assert [event for event in EVENTS if event[0] == "dispose"][0] == ("dispose", "b")
     assert loaded == ["a", "c"]
     assert memory["used_bytes"] <= memory["budget_bytes"]
+
+
+async def test_a_server_over_its_memory_budget_keeps_answering_and_lets_its_idle_models_go():
+    small = {"memory_mib": 100, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_000)}, a=small, b=small)) as server:
+        await server.chat_completion(chat("a", "hello"))
+        await server.chat_completion(chat("b", "hello"))
+        server.pool.memory_budget = MIB  # the process outgrew its budget (a heap that grew, a library)
+        answer = await server.chat_completion(chat("a", "again"))
+        with trio.fail_after(10):
+            while server.status()["instances"]:
+                await trio.sleep(0.05)
+    assert answer.choices[0].text == "ok"
+    assert {event[1] for event in EVENTS if event[0] == "dispose"} == {"a", "b"}
 
 
 async def test_a_model_that_cannot_fit_the_memory_budget_is_refused_with_a_503():
