@@ -8,6 +8,7 @@
   engine of :mod:`lllms_core.testing.fake`.
 - :mod:`lllms_core.testing.conformance`: the engine conformance suite an engine package
   runs against itself (see docs/plugins.md).
+- :func:`streamed_tool_calls`: what an ``openai`` chat stream said of its tool calls.
 - :mod:`lllms_core.testing.reasoning`: checks of a thinking budget through the OpenAI and
   Anthropic clients, for engines that declare ``reasoning_budget``.
 """
@@ -210,3 +211,19 @@ def health_during(base_url: str, work: Callable[[], T], interval: float = 0.05) 
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], latencies
+
+
+def streamed_tool_calls(chunks) -> tuple[str, str, dict, str | None]:
+    """From an ``openai`` client's chat stream (one choice): the first tool-call delta's
+    ``id`` and function name, the arguments the deltas spell (parsed JSON), and the last
+    finish reason."""
+    import json
+
+    deltas, reasons = [], []
+    for chunk in chunks:
+        if chunk.choices:
+            deltas += chunk.choices[0].delta.tool_calls or []
+            reasons.append(chunk.choices[0].finish_reason)
+    assert deltas, "the stream carried no tool-call delta"
+    arguments = json.loads("".join(delta.function.arguments or "" for delta in deltas))
+    return deltas[0].id, deltas[0].function.name, arguments, reasons[-1]

@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from lllms_core.testing import health_during
+from lllms_core.testing import health_during, streamed_tool_calls
 from lllms_core.testing.conformance import WEATHER_TOOL
 
 pytestmark = pytest.mark.timeout(180)
@@ -29,15 +29,11 @@ def test_the_model_writes_a_call_on_its_own_after_an_example_and_it_streams(clie
         {"role": "assistant", "content": CALL},
         {"role": "user", "content": "And in Rome?"},
     ]
-    deltas, reasons = [], []
     # gpt4all's default repeat penalty (1.18) keeps the model from writing what the example shows
-    for chunk in chat(client, messages, tools=[WEATHER], stream=True, extra_body={"repeat_penalty": 1.0}):
-        if chunk.choices:
-            deltas += chunk.choices[0].delta.tool_calls or []
-            reasons.append(chunk.choices[0].finish_reason)
-    assert deltas[0].id and deltas[0].function.name == "get_weather"
-    assert json.loads("".join(delta.function.arguments or "" for delta in deltas)) == {"city": "Rome"}
-    assert reasons[-1] == "tool_calls"
+    call_id, name, arguments, reason = streamed_tool_calls(chat(client, messages, tools=[WEATHER], stream=True, extra_body={"repeat_penalty": 1.0}))
+    assert call_id and name == "get_weather"
+    assert arguments == {"city": "Rome"}
+    assert reason == "tool_calls"
 
 
 def test_a_tool_result_reaches_the_answer(client):

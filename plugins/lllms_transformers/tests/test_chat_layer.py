@@ -10,7 +10,7 @@ import re
 import openai
 import pytest
 
-from lllms_core.testing import health_during
+from lllms_core.testing import health_during, streamed_tool_calls
 from lllms_core.testing.conformance import WEATHER_TOOL as WEATHER
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,14 +67,10 @@ def test_the_model_writes_a_call_on_its_own_after_an_example_and_it_streams(clie
         {"role": "assistant", "content": CALL},
         {"role": "user", "content": "And in Rome?"},
     ]
-    deltas, reasons = [], []
-    for chunk in chat(client, messages=messages, tools=[WEATHER], stream=True):
-        if chunk.choices:
-            deltas += chunk.choices[0].delta.tool_calls or []
-            reasons.append(chunk.choices[0].finish_reason)
-    assert deltas[0].id and deltas[0].function.name == "get_weather"
-    assert json.loads("".join(delta.function.arguments or "" for delta in deltas)) == {"city": "Rome"}
-    assert reasons[-1] == "tool_calls"
+    call_id, name, arguments, reason = streamed_tool_calls(chat(client, messages=messages, tools=[WEATHER], stream=True))
+    assert call_id and name == "get_weather"
+    assert arguments == {"city": "Rome"}
+    assert reason == "tool_calls"
 
 
 def test_a_tool_result_reaches_the_answer(client):
