@@ -6,20 +6,22 @@ a task of it, started with ``nursery.start`` so a load can be awaited, and is
 disposed in a shielded ``finally`` so disposal is certain. A request gets a
 slot only through ``async with pool.acquire(model_id, key) as slot``.
 
-A slot is one sequence of an instance with its own context state. Slots are
-handed out in this order (one dispatch function applies it whenever anything
-changes): an idle slot whose context is the longest prefix of the request's →
-when the model's prompt cache holds a longer prefix, an idle slot without context
-or else the least recently used idle slot, reset, for the engine to restore that
-state into → an idle slot without context → a new instance (below
+A slot is one sequence of an instance with its own context state. Waiting requests
+are served first come, first served (one dispatch function does it whenever anything
+changes), each taking, in this order: an idle slot whose context is the longest prefix
+of the request's → when the model's prompt cache holds a longer prefix, an idle slot
+without context or else the least recently used idle slot, reset, for the engine to
+restore that state into → an idle slot without context → a new instance (below
 ``max_instances``, within the memory budget) → the least recently used idle slot,
-reset → wait, first come first served. A global ``concurrency`` limit gates how
-many slots are busy at once.
+reset → wait. A slot whose conversation a waiting request continues is left to that
+request: another takes it only when no other idle slot will do. A global
+``concurrency`` limit gates how many slots are busy at once.
 
 Memory: every instance counts what it holds (or, before it is loaded, the engine's
 estimate), and the prompt caches count their RAM. A new instance that would take the
 server past its memory budget first has the idle instances of other models disposed,
-least recently used first (their states saved); a model that could not fit even with
+least recently used first (their states saved), but not one whose idle slots requests
+waiting for its model are about to take; a model that could not fit even with
 everything else gone is refused with a 503 naming the budget.
 """
 
@@ -173,6 +175,18 @@ class _Waiter:
         self.error: LllmsError | None = None
         self.finished = False
         """Set once the slot went back to the pool, or the waiter left the queue."""
+
+
+def _continues(key: ContextKey, slot: Slot) -> bool:
+    """Whether a request with context ``key`` continues the whole conversation ``slot`` holds."""
+    held = slot.context_key
+    return bool(held) and key[: len(held)] == held
+
+
+def _kept_for_another(slot: Slot, waiter: _Waiter, claims: dict[Slot, _Waiter]) -> bool:
+    """Whether another waiting request continues the slot's conversation, and ``waiter`` does not."""
+    claimant = claims.get(slot)
+    return claimant is not None and claimant is not waiter and not _continues(waiter.key, slot)
 
 
 class Lease:
@@ -384,8 +398,9 @@ class ModelPool:
     # --- dispatch -------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Hand idle slots to waiting requests, first come first served, and spawn
-        or evict instances as the waiting requests need."""
+        """Hand idle slots to waiting requests first come, first served (each takes the best
+        slot the routing order gives it, so a younger follow-up turn never overtakes an older
+        new conversation), and spawn or evict instances as the waiting requests need."""
         if self.closed:
             return
         # a loading instance will serve as many requests as the model's last instance had slots
@@ -395,20 +410,13 @@ class ModelPool:
             if instance.state == "loading"
         }
         limit = self.config.server.concurrency
-        # first the waiters an idle slot can take, so that a request that needs room in memory
-        # never disposes an instance before the requests waiting for it got its slots
-        # (a nested request, made by a task that holds a slot, passes the concurrency limit)
+        claims = self._claims()
         for waiter in list(self._waiters):
-            if limit is not None and self._processing >= limit and not waiter.nested:
-                continue
-            slot = self._matching_slot(waiter.model, waiter.key)
-            if slot is not None:
-                self._assign(waiter, slot)
-        for waiter in list(self._waiters):
+            # a nested request, made by a task that holds a slot, passes the concurrency limit
             if limit is not None and self._processing >= limit and not waiter.nested:
                 continue
             model = waiter.model
-            slot = self._matching_slot(model, waiter.key)
+            slot = self._matching_slot(waiter, claims)
             if slot is None:
                 loading = next(
                     (i for i in self.instances.values() if i.model is model and loading_capacity.get(i.id)), None
@@ -420,7 +428,7 @@ class ModelPool:
                     if self._prepared(model) and self._memory_allows(model, waiter):
                         self._spawn(model)  # the waiter takes a slot once it is loaded
                     continue
-                slot = self._least_recently_used_slot(model)
+                slot = self._least_recently_used_slot(waiter, claims)
                 if slot is None:
                     self._make_room_on_gpu(model)
                     continue
@@ -445,12 +453,26 @@ class ModelPool:
                     if not slot.busy:
                         yield slot
 
-    def _matching_slot(self, model: ModelConfig, key: ContextKey) -> Slot | None:
-        """The idle slot with the longest prefix of ``key``; else, when the prompt cache
-        holds a longer one, an empty or the least recently used slot (reset) to restore it
-        into; else an empty slot."""
+    def _claims(self) -> dict[Slot, _Waiter]:
+        """The idle slots whose conversation a waiting request continues, each with the
+        oldest such request."""
+        claims: dict[Slot, _Waiter] = {}
+        for waiter in self._waiters:
+            for slot in self._idle_slots(waiter.model):
+                if _continues(waiter.key, slot):
+                    claims.setdefault(slot, waiter)
+        return claims
+
+    def _matching_slot(self, waiter: _Waiter, claims: dict[Slot, _Waiter]) -> Slot | None:
+        """The idle slot with the longest prefix of the waiter's key (leaving aside slots whose
+        conversation another waiting request continues); else, when the prompt cache holds a
+        longer one, an empty or the least recently used slot (reset) to restore it into; else
+        an empty slot."""
+        model, key = waiter.model, waiter.key
         best, best_length, empty = None, 0, None
         for slot in self._idle_slots(model):
+            if _kept_for_another(slot, waiter, claims):
+                continue
             length = common_prefix(slot.context_key, key)
             if length > best_length:
                 best, best_length = slot, length
@@ -459,14 +481,20 @@ class ModelPool:
         cache = self.caches.get(model.id)
         cached = cache.key_match(key) if cache is not None and key else 0
         if cached > best_length:
-            slot = empty or self._least_recently_used_slot(model)
+            slot = empty or self._least_recently_used_slot(waiter, claims)
             if slot is not None and slot is not empty:
                 slot.reset()
             return slot
         return best or empty
 
-    def _least_recently_used_slot(self, model: ModelConfig) -> Slot | None:
-        return min(self._idle_slots(model), key=lambda slot: slot.last_used, default=None)
+    def _least_recently_used_slot(self, waiter: _Waiter, claims: dict[Slot, _Waiter]) -> Slot | None:
+        """The least recently used idle slot of the waiter's model, preferring one whose
+        conversation no other waiting request is about to continue."""
+        return min(
+            self._idle_slots(waiter.model),
+            key=lambda slot: (_kept_for_another(slot, waiter, claims), slot.last_used),
+            default=None,
+        )
 
     # --- memory -----------------------------------------------------------------
 
@@ -559,6 +587,12 @@ class ModelPool:
         instance holds (they went to disk when their instances were disposed)."""
         others = [instance for instance in self.instances.values() if instance.model is not model]
         freeing = sum(instance.footprint for instance in others if instance.dispose_requested or instance.draining)
+        # requests are served in arrival order, so a younger request may not have taken the idle
+        # slot waiting for it yet: its instance stays (a nested request passes the concurrency limit)
+        limit = self.config.server.concurrency
+        gate_open = limit is None or self._processing < limit
+        awaited = {waiter.model.id for waiter in self._waiters if gate_open or waiter.nested}
+        others = [i for i in others if not (i.model.id in awaited and any(not slot.busy for slot in i.slots))]
         victims = sorted((i for i in others if i.ready and i.idle), key=lambda i: i.last_used)
         if drain:
             victims += sorted((i for i in others if i.ready and not i.idle), key=lambda i: i.last_used)

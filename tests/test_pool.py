@@ -281,19 +281,24 @@ async def test_a_model_that_cannot_fit_the_memory_budget_is_refused_with_a_503()
     assert "5000 MiB" in refused.value.message and f"memory budget is {budget} MiB" in refused.value.message
 
 
-async def test_a_conversation_in_the_prompt_cache_takes_the_least_recently_used_slot_rather_than_a_new_instance():
+def save_state_of(server, request: dict, first_token: int = 0) -> None:
+    """Put a state of the conversation ``request`` continues into its model's prompt cache,
+    as an engine would have saved it (the fake engine saves none itself)."""
     import msgspec
 
     from lllms_core.context import chat_key
     from lllms_core.schemas import ChatCompletionRequest
 
+    key = chat_key(msgspec.convert(request, ChatCompletionRequest).messages[:-1])
+    server.pool.caches[request["model"]].put(list(range(first_token, first_token + 64)), b"state", 5, key)
+
+
+async def test_a_conversation_in_the_prompt_cache_takes_the_least_recently_used_slot_rather_than_a_new_instance():
     async with ModelServer(config(m={"slots": 2, "max_instances": 2, "reply": "ok"})) as server:
         await server.chat_completion(chat("m", "apples"))
         await server.chat_completion(chat("m", "bananas"))
-        # a state of another conversation, saved before (the fake engine saves none itself)
         follow_up = chat("m", "cherries", "ok", "more")
-        key = chat_key(msgspec.convert(follow_up, ChatCompletionRequest).messages[:-1])
-        server.pool.caches["m"].put(list(range(64)), b"state", 5, key)
+        save_state_of(server, follow_up)
         await server.chat_completion(follow_up)
         instances = server.status()["instances"]
         await server.chat_completion(chat("m", "dates"))  # nothing saved: a new instance
@@ -301,3 +306,76 @@ async def test_a_conversation_in_the_prompt_cache_takes_the_least_recently_used_
     assert len(instances) == 1, "restoring a saved state needs no new instance"
     assert tasks()[2][2] == tasks()[0][2] and tasks()[2][3] is True, "apples' slot, the least recently used, reset"
     assert len(more) == 2
+
+
+async def test_an_older_new_conversation_is_served_before_a_younger_follow_up_in_the_prompt_cache():
+    # more conversations than slots: both slots busy, a new conversation waits, then a turn
+    # of a conversation whose state is in the prompt cache
+    async with ModelServer(config(m={"slots": 2, "token_delay": 0.1, "reply": "one two three four five six"})) as server:
+        finished = []
+
+        async def run(name, request):
+            await server.chat_completion(request)
+            finished.append(name)
+
+        follow_up = chat("m", "cherries", "one two three four five six", "and then?")
+        save_state_of(server, follow_up)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "short", chat("m", "short", max_tokens=3))
+            nursery.start_soon(run, "long", chat("m", "long"))
+            await wait_until(lambda: len(tasks()) == 2)
+            nursery.start_soon(run, "new conversation", chat("m", "hello"))
+            await wait_until(lambda: server.status()["queued"] == 1)
+            nursery.start_soon(run, "follow-up", follow_up)
+            await wait_until(lambda: server.status()["queued"] == 2)
+    # the slot "short" frees goes to the older request; the younger one waits for "long"'s
+    assert finished.index("new conversation") < finished.index("follow-up"), finished
+
+
+async def test_a_new_conversation_leaves_the_slot_a_waiting_follow_up_continues():
+    reply = "one two three"
+    async with ModelServer(config({"concurrency": 1}, m={"slots": 2, "token_delay": 0.1, "reply": reply})) as server:
+        await server.chat_completion(chat("m", "my cat is called Tom"))  # now the least recently used slot
+        finished = []
+
+        async def run(name, request):
+            finished.append((name, await server.chat_completion(request)))
+
+        follow_up = chat("m", "my cat is called Tom", reply, "what is my cat called?")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "running", chat("m", "my dog is called Rex"))
+            await wait_until(lambda: len(tasks()) == 2)
+            nursery.start_soon(run, "new conversation", chat("m", "hello"))
+            await wait_until(lambda: server.status()["queued"] == 1)
+            nursery.start_soon(run, "follow-up", follow_up)
+            await wait_until(lambda: server.status()["queued"] == 2)
+    assert [name for name, _ in finished] == ["running", "new conversation", "follow-up"], "first come, first served"
+    (_, _, cat_slot, _), (_, _, dog_slot, _), (_, _, new_slot, _), (_, _, follow_up_slot, _) = tasks()
+    assert new_slot == dog_slot, "the new conversation took the slot nobody waits for, not the older one"
+    assert follow_up_slot == cat_slot
+    assert finished[2][1].usage.cached_tokens == len(f"my cat is called Tom {reply}".split()), "its slot kept its context"
+
+
+async def test_a_model_that_needs_room_does_not_dispose_an_instance_a_waiting_request_can_use():
+    big = {"memory_mib": 10_000, "reply": "ok"}
+    slow = {**big, "token_delay": 0.05, "reply": "a b c d e f"}
+    budget = {"memory_budget_mib": budget_for(25_000), "concurrency": 1}
+    async with ModelServer(config(budget, a=big, b=slow, c=big)) as server:
+        for model in ("c", "a", "b"):  # c was prepared and went; a is the least recently used model
+            await server.chat_completion(chat(model, "hello"))
+        del EVENTS[:]
+        answers = {}
+
+        async def run(model):
+            answers[model] = await server.chat_completion(chat(model, "again"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "b")
+            await wait_until(lambda: len(tasks()) == 1)
+            nursery.start_soon(run, "c")  # needs room, and came first
+            await wait_until(lambda: server.status()["queued"] == 1)
+            nursery.start_soon(run, "a")  # a's idle slot can serve it at once
+            await wait_until(lambda: server.status()["queued"] == 2)
+        loads_and_disposals = [event[:2] for event in EVENTS if event[0] in ("load", "dispose")]
+    assert {model: answer.choices[0].text for model, answer in answers.items()} == {"a": "ok", "b": "a b c d e f", "c": "ok"}
+    assert loads_and_disposals == [("dispose", "b"), ("load", "c")], "b, which nobody waited for, went; a stayed"
