@@ -122,8 +122,8 @@ async def test_idle_instance_is_disposed_when_its_ttl_runs_out():
         await server.chat_completion(chat("z", "hello"))
         await wait_until(lambda: ("dispose", "z") in EVENTS, timeout=1)
         assert ("dispose", "m") not in EVENTS, "ttl 0.3 s: still alive right after the request"
-        await wait_until(lambda: ("dispose", "m") in EVENTS, timeout=3)
-        assert server.status()["instances"] == []
+        # the engine disposes the instance before the pool forgets it
+        await wait_until(lambda: ("dispose", "m") in EVENTS and server.status()["instances"] == [], timeout=3)
 
 
 async def test_min_instances_are_loaded_at_start_and_refilled_after_a_failed_load():
