@@ -308,6 +308,13 @@ async def test_a_conversation_in_the_prompt_cache_takes_the_least_recently_used_
     assert len(more) == 2
 
 
+async def line_up(server, nursery, run, *named_requests) -> None:
+    """Start ``run(name, request)`` for each, the next once the one before waits in the queue."""
+    for waiting, (name, request) in enumerate(named_requests, start=1):
+        nursery.start_soon(run, name, request)
+        await wait_until(lambda: server.status()["queued"] == waiting)
+
+
 async def test_an_older_new_conversation_is_served_before_a_younger_follow_up_in_the_prompt_cache():
     # more conversations than slots: both slots busy, a new conversation waits, then a turn
     # of a conversation whose state is in the prompt cache
@@ -324,10 +331,7 @@ async def test_an_older_new_conversation_is_served_before_a_younger_follow_up_in
             nursery.start_soon(run, "short", chat("m", "short", max_tokens=3))
             nursery.start_soon(run, "long", chat("m", "long"))
             await wait_until(lambda: len(tasks()) == 2)
-            nursery.start_soon(run, "new conversation", chat("m", "hello"))
-            await wait_until(lambda: server.status()["queued"] == 1)
-            nursery.start_soon(run, "follow-up", follow_up)
-            await wait_until(lambda: server.status()["queued"] == 2)
+            await line_up(server, nursery, run, ("new conversation", chat("m", "hello")), ("follow-up", follow_up))
     # the slot "short" frees goes to the older request; the younger one waits for "long"'s
     assert finished.index("new conversation") < finished.index("follow-up"), finished
 
@@ -345,10 +349,7 @@ async def test_a_new_conversation_leaves_the_slot_a_waiting_follow_up_continues(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run, "running", chat("m", "my dog is called Rex"))
             await wait_until(lambda: len(tasks()) == 2)
-            nursery.start_soon(run, "new conversation", chat("m", "hello"))
-            await wait_until(lambda: server.status()["queued"] == 1)
-            nursery.start_soon(run, "follow-up", follow_up)
-            await wait_until(lambda: server.status()["queued"] == 2)
+            await line_up(server, nursery, run, ("new conversation", chat("m", "hello")), ("follow-up", follow_up))
     assert [name for name, _ in finished] == ["running", "new conversation", "follow-up"], "first come, first served"
     (_, _, cat_slot, _), (_, _, dog_slot, _), (_, _, new_slot, _), (_, _, follow_up_slot, _) = tasks()
     assert new_slot == dog_slot, "the new conversation took the slot nobody waits for, not the older one"
