@@ -218,6 +218,8 @@ class ModelPool:
         self._start_errors: dict[str, str] = {}
         """Why the last load (or blocking preparation) of a model the server starts with failed."""
         self._footprint_seen: dict[str, int] = {}
+        self._changes = 0
+        """Counts instances started and forgotten (to tell whether another came or went meanwhile)."""
         self._preparing: set[str] = set()
         self.closed = False
         budget = config.server.memory_budget_mib
@@ -473,13 +475,16 @@ class ModelPool:
     def _memory_used(self) -> int:
         """What counts against the budget: the server itself, its instances and its prompt
         caches, or the process's resident memory when that is more (what engines hold beyond
-        what they report, a heap that grew)."""
+        what they report, a heap that grew) together with what the instances still loading
+        will take (their memory is not resident yet, so resident memory alone would admit a
+        second load beside them)."""
         accounted = (
             self.baseline
             + sum(instance.footprint for instance in self.instances.values())
             + sum(cache.ram_bytes for cache in self.caches.values())
         )
-        return max(accounted, process_rss())
+        coming = sum(instance.footprint for instance in self.instances.values() if instance.engine_instance is None)
+        return max(accounted, process_rss() + coming)
 
     def _measure_baseline(self) -> None:
         """What the process holds beside its instances and caches, read while no instance is
@@ -493,7 +498,9 @@ class ModelPool:
         self.baseline = max(self._started_with, process_rss() - held)
 
     def _estimate(self, model: ModelConfig) -> int:
-        """Bytes a new instance of ``model`` will take: as much as its last one did, else the engine's estimate."""
+        """Bytes a new instance of ``model`` will take: as much as its last one did (what it
+        reported, or the growth of the process's resident memory while it loaded, when that
+        was more and nothing else loaded or left meanwhile), else the engine's estimate."""
         if model.id in self._footprint_seen:
             return self._footprint_seen[model.id]
         _, prepared = self.store.preparation(model)
@@ -526,44 +533,45 @@ class ModelPool:
             self._dispatch()
 
     def _memory_allows(self, model: ModelConfig, waiter: _Waiter) -> bool:
-        """Whether a new instance of ``model`` fits the memory budget now. If not, idle
-        instances of other models are disposed (least recently used first; the request
-        waits for them), or the request is refused when the model could not fit even with
-        every other model and prompt cache gone."""
+        """Whether a new instance of ``model`` fits the memory budget now, counting the
+        instances still loading or being disposed. If not, room is made (the prompt caches'
+        RAM first, then idle instances of other models, least recently used first) and the
+        request waits until the disposals are done and their memory is free; it is refused
+        when the model could not fit even with every other model and every state in RAM gone."""
         need = self._estimate(model)
         used = self._memory_used()
         if used + need <= self.memory_budget:
             return True
         going = [i for i in self.instances.values() if i.model is not model or i.dispose_requested or i.draining]
-        reclaimable = sum(instance.footprint for instance in going) + sum(
-            cache.ram_bytes for model_id, cache in self.caches.items() if model_id != model.id
-        )
+        reclaimable = sum(instance.footprint for instance in going) + sum(cache.ram_bytes for cache in self.caches.values())
         if used - reclaimable + need > self.memory_budget and self._count(model) == 0:
             self._waiters.remove(waiter)
             waiter.error = ServiceUnavailableError(
                 f"model {model.id!r} needs about {need // MIB} MiB; the server's memory budget is "
                 f"{self.memory_budget // MIB} MiB (server.memory_budget_mib), of which {(used - reclaimable) // MIB} MiB "
-                "are taken by the server and what it keeps of this model",
+                "are taken by the server itself",
                 code="memory_budget_exceeded",
             )
             waiter.event.set()
             return False
         self._make_room(model, used + need - self.memory_budget, drain=True)
-        # dropping states from RAM may have been enough; else each disposal dispatches again
+        # shrinking the prompt caches may have been enough; else each disposal dispatches again
         return self._memory_used() + need <= self.memory_budget
 
     def _make_room(self, model: ModelConfig | None, excess: int, drain: bool = False) -> None:
-        """Free ``excess`` bytes for ``model``: dispose idle instances of other models, least
-        recently used first (their states are saved); with ``drain``, then let busy ones take
-        no new request and go once idle; then drop the RAM copies of the states of models no
-        instance holds (they went to disk when their instances were disposed)."""
+        """Free ``excess`` bytes (for a new instance of ``model``, or None to keep within the
+        budget): what instances already being disposed will free counts; then the prompt
+        caches' states leave RAM (see ``_shrink_caches``); then idle instances of other models
+        are disposed, least recently used first (their states are saved); with ``drain``,
+        then busy ones take no new request and go once idle."""
         others = [instance for instance in self.instances.values() if instance.model is not model]
-        freeing = sum(instance.footprint for instance in others if instance.dispose_requested or instance.draining)
+        excess -= sum(instance.footprint for instance in others if instance.dispose_requested or instance.draining)
+        excess -= self._shrink_caches(excess)
         victims = sorted((i for i in others if i.ready and i.idle), key=lambda i: i.last_used)
         if drain:
             victims += sorted((i for i in others if i.ready and not i.idle), key=lambda i: i.last_used)
         for victim in victims:
-            if freeing >= excess:
+            if excess <= 0:
                 return
             log.info("disposing %s to keep within the memory budget", victim.id, extra={"model": victim.model.id})
             if victim.idle:
@@ -571,30 +579,56 @@ class ModelPool:
                 victim.poke()
             else:
                 victim.draining = True
-            freeing += victim.footprint
-        for model_id, cache in self.caches.items():
-            if freeing >= excess:
+            excess -= victim.footprint
+
+    def _shrink_caches(self, excess: int, keep: PromptCache | None = None) -> int:
+        """Drop up to ``excess`` bytes of states from the prompt caches' RAM (all but ``keep``),
+        least recently used first: first the caches of models no instance holds (their states
+        went to disk when their instances were disposed), then the others. Returns the bytes freed."""
+        held = {instance.model.id for instance in self.instances.values()}
+        caches = sorted(
+            (cache for cache in self.caches.values() if cache is not keep and cache.ram_bytes),
+            key=lambda cache: cache.model_id in held,
+        )
+        freed = 0
+        for cache in caches:
+            if freed >= excess:
                 break
-            if (model is None or model_id != model.id) and not any(i.model.id == model_id for i in self.instances.values()):
-                freeing += cache.ram_bytes
-                cache.clear_ram()
+            before = cache.ram_bytes
+            cache.trim(max(0, before - (excess - freed)))
+            freed += before - cache.ram_bytes
+        return freed
 
     def _fit_memory(self) -> None:
-        """Keep within the budget after a request: idle instances go, least recently used first
-        (an estimate fell short, or several loaded at once), then the prompt caches' least
-        recently used states leave RAM, the largest cache first."""
+        """Keep within the budget after a request (an estimate fell short, a prompt cache
+        grew): the caches' least recently used states leave RAM, then idle instances go."""
         excess = self._memory_used() - self.memory_budget
         if excess > 0:
             self._make_room(None, excess)
-        excess = self._memory_used() - self.memory_budget - sum(
-            instance.footprint for instance in self.instances.values() if instance.dispose_requested
-        )
-        for cache in sorted(self.caches.values(), key=lambda cache: cache.ram_bytes, reverse=True):
-            if excess <= 0:
-                return
-            held = cache.ram_bytes
-            cache.trim(max(0, held - excess))
-            excess -= held - cache.ram_bytes
+        self._bound_caches()
+
+    def _bound_caches(self, only: PromptCache | None = None) -> None:
+        """Let the prompt caches of the models with instances (or ``only`` that one) grow
+        (engines save states into them) only into the room the budget leaves now, shared
+        between them; the others hold what they hold."""
+        room = max(0, self.memory_budget - self._memory_used())
+        live = {instance.model.id for instance in self.instances.values()}
+        growing = [only] if only is not None else [cache for model_id, cache in self.caches.items() if model_id in live]
+        for cache in self.caches.values():
+            cache.ram_ceiling = cache.ram_bytes + (room // len(growing) if cache in growing else 0)
+
+    def _room_for_states(self, instance: Instance) -> None:
+        """Before a leaving instance's states are saved into its prompt cache's RAM (while the
+        instance still holds its memory): the other caches shrink so that the cache can grow
+        to its bound within the budget."""
+        cache = instance.prompt_cache
+        if cache is None or instance.engine_instance is None:
+            return
+        growth = min(instance.footprint, max(0, cache.ram_limit - cache.ram_bytes))
+        excess = self._memory_used() + growth - self.memory_budget
+        if excess > 0:
+            self._shrink_caches(excess, keep=cache)
+        self._bound_caches(only=cache)
 
     def _count(self, model: ModelConfig) -> int:
         return sum(1 for i in self.instances.values() if i.model is model and not i.dispose_requested)
@@ -625,6 +659,8 @@ class ModelPool:
         device = self._device(model, engine)
         instance = Instance(model, engine, device, self._estimate(model), self.caches.get(model.id))
         self.instances[instance.id] = instance
+        self._changes += 1
+        self._bound_caches()  # what the new instance will take is no longer room for states
         if device.gpu:
             self._gpu_holder = instance
         loaded = trio.Event()
@@ -656,7 +692,9 @@ class ModelPool:
         log.info("loading %s on %s", instance.id, "gpu" if instance.device.gpu else "cpu")
         try:
             prepared = await self.store.prepare(model)
+            changes, before = self._changes, process_rss()
             engine_instance = await engine.create_instance(model, prepared, instance.device)
+            grown = process_rss() - before if self._alone(instance, since=changes) else 0
         except Exception as exception:
             error = exception if isinstance(exception, LllmsError) else ModelLoadError(
                 f"model {model.id!r} failed to load: {type(exception).__name__}: {exception}"
@@ -674,7 +712,9 @@ class ModelPool:
             instance.engine_instance = engine_instance
             instance.slots = [Slot(instance, index) for index in range(engine_instance.slots)]
             self._slots_seen[model.id] = len(instance.slots)
-            self._footprint_seen[model.id] = instance.footprint
+            # a model's first load may bring its engine's libraries in too: only later loads tell its size
+            seen = model.id in self._footprint_seen
+            self._footprint_seen[model.id] = max(instance.footprint, grown) if seen else instance.footprint
             excess = self._memory_used() - self.memory_budget
             if excess > 0:  # the engine's estimate was short
                 self._make_room(model, excess)
@@ -682,6 +722,7 @@ class ModelPool:
             await self._preload(instance)
             instance.state = "ready"
             self._measure_baseline()
+            self._bound_caches()
             self._retry_delay.pop(model.id, None)
             self._start_errors.pop(model.id, None)
             log.info("loaded %s (%d slots)", instance.id, len(instance.slots))
@@ -692,6 +733,7 @@ class ModelPool:
             instance.state = "disposing"
             instance.dispose_requested = True
             with trio.CancelScope(shield=True):
+                self._room_for_states(instance)
                 await self._save_states(instance)
                 try:
                     await engine.dispose_instance(engine_instance)
@@ -701,8 +743,14 @@ class ModelPool:
             log.info("disposed %s", instance.id)
             self._forget(instance)
             self._measure_baseline()
+            self._bound_caches()
             self._refill(model)
             self._dispatch()
+
+    def _alone(self, instance: Instance, since: int) -> bool:
+        """Whether no other instance loaded or left since ``since`` (a value of ``_changes``)
+        and none is loading or leaving now: then a change of the resident memory is this instance's."""
+        return since == self._changes and all(other is instance or other.state == "ready" for other in self.instances.values())
 
     async def _attach_disk_tier(self, instance: Instance) -> None:
         """Start the disk tier of the model's prompt cache for this instance's kind of states."""
@@ -767,6 +815,7 @@ class ModelPool:
 
     def _forget(self, instance: Instance) -> None:
         self.instances.pop(instance.id, None)
+        self._changes += 1
         if self._gpu_holder is instance:
             self._gpu_holder = None
 

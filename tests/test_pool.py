@@ -281,6 +281,103 @@ async def test_a_model_that_cannot_fit_the_memory_budget_is_refused_with_a_503()
     assert "5000 MiB" in refused.value.message and f"memory budget is {budget} MiB" in refused.value.message
 
 
+
+def resident_like_a_server(monkeypatch, pool, beyond_mib: int) -> None:
+    """Let the pool read the process's resident memory as a real server's: the test process,
+    ``beyond_mib`` held beyond what the pool accounts for (a library an engine loaded, as
+    torch), and what each fake instance reports holding, from the end of its load until its
+    disposal is done (a fake instance holds nothing really)."""
+    import lllms_core.pool
+
+    measured = lllms_core.pool.process_rss
+
+    def resident() -> int:
+        instances = pool.instances.values()
+        held = sum(i.engine_instance.memory_bytes for i in instances if i.engine_instance is not None)
+        return measured() + beyond_mib * MIB + held
+
+    monkeypatch.setattr(lllms_core.pool, "process_rss", resident)
+
+
+async def test_two_models_requested_at_once_that_do_not_fit_together_never_load_at_the_same_time(monkeypatch):
+    spec = {"memory_mib": 500, "load_delay": 0.3, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_650)}, a=spec, b=spec)) as server:
+        # one model fits beside the 1,000 MiB the server holds beyond its accounting, two do not
+        resident_like_a_server(monkeypatch, server.pool, beyond_mib=1_000)
+        answers, most = {}, 0
+
+        async def ask(model):
+            answers[model] = (await server.chat_completion(chat(model, "hello"))).choices[0].text
+
+        async def watch():
+            nonlocal most
+            while True:
+                most = max(most, len(server.status()["instances"]))
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as requests:
+                requests.start_soon(ask, "a")
+                requests.start_soon(ask, "b")
+            nursery.cancel_scope.cancel()
+        order = [event[:2] for event in EVENTS if event[0] in ("load", "dispose")]
+    assert answers == {"a": "ok", "b": "ok"}
+    assert most == 1, "both models were loading or loaded at once"
+    assert order in ([("load", "a"), ("dispose", "a"), ("load", "b")], [("load", "b"), ("dispose", "b"), ("load", "a")])
+
+
+async def test_a_load_waits_until_the_disposal_that_makes_room_for_it_is_done():
+    a = {"memory_mib": 10_000, "dispose_delay": 0.5, "reply": "ok"}
+    b = {"memory_mib": 10_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(15_000)}, a=a, b=b)) as server:
+        await server.chat_completion(chat("a", "hello"))
+        answer = await server.chat_completion(chat("b", "hello"))
+        order = [event[:2] for event in EVENTS if event[0] in ("load", "dispose", "disposed")]
+    assert answer.choices[0].text == "ok"
+    assert order == [("load", "a"), ("dispose", "a"), ("disposed", "a"), ("load", "b")]
+
+
+async def test_states_leave_ram_before_an_idle_model_is_disposed_to_admit_another():
+    spec = {"memory_mib": 1_000, "reply": "ok"}
+    server_config = config({"memory_budget_mib": budget_for(2_500), "prompt_cache_mib": 2_000}, a=spec, b=spec)
+    async with ModelServer(server_config) as server:
+        await server.chat_completion(chat("a", "hello"))
+        cache = server.pool.caches["a"]
+        older, newer = list(range(64)), list(range(100, 164))
+        cache.put(older, b"state", 400 * MIB)
+        cache.put(newer, b"state", 400 * MIB)
+        await server.chat_completion(chat("b", "hello"))  # 1,000 MiB more: one state must go
+        loaded = sorted(instance["model"] for instance in server.status()["instances"])
+        kept = [cache.lookup(older) is not None, cache.lookup(newer) is not None]
+        disposed = [event for event in EVENTS if event[0] == "dispose"]
+    assert loaded == ["a", "b"] and not disposed
+    assert kept == [False, True], "the least recently used state leaves RAM"
+
+
+async def test_a_model_whose_own_states_in_ram_stand_in_its_way_is_admitted_not_refused():
+    spec = {"memory_mib": 1_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_500), "prompt_cache_mib": 2_000}, a=spec)) as server:
+        server.pool.caches["a"].put(list(range(64)), b"state", 800 * MIB)  # states of an earlier instance
+        answer = await server.chat_completion(chat("a", "hello"))
+        memory = server.status()["memory"]
+    assert answer.choices[0].text == "ok"
+    assert memory["used_bytes"] <= memory["budget_bytes"]
+
+
+async def test_a_prompt_cache_grows_only_into_the_room_the_memory_budget_leaves():
+    spec = {"memory_mib": 1_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_500), "prompt_cache_mib": 2_000}, a=spec)) as server:
+        await server.chat_completion(chat("a", "hello"))  # about 750 MiB left for states
+        cache = server.pool.caches["a"]
+        first, second, third = list(range(64)), list(range(100, 164)), list(range(200, 264))
+        kept = [cache.put(first, b"state", 500 * MIB), cache.put(second, b"state", 500 * MIB), cache.put(third, b"state", 900 * MIB)]
+        held = [cache.lookup(first) is not None, cache.lookup(second) is not None]
+        memory = server.status()["memory"]
+    assert kept == [True, True, False], "a state bigger than the room left is not kept"
+    assert held == [False, True], "the older state made room for the newer"
+    assert memory["used_bytes"] <= memory["budget_bytes"]
+
 async def test_a_conversation_in_the_prompt_cache_takes_the_least_recently_used_slot_rather_than_a_new_instance():
     import msgspec
 
