@@ -17,10 +17,12 @@ reset → wait, first come first served. A global ``concurrency`` limit gates ho
 many slots are busy at once.
 
 Memory: every instance counts what it holds (or, before it is loaded, the engine's
-estimate), and the prompt caches count their RAM. A new instance that would take the
-server past its memory budget first has the idle instances of other models disposed,
-least recently used first (their states saved); a model that could not fit even with
-everything else gone is refused with a 503 naming the budget.
+estimate), and the prompt caches count their RAM; the process's resident memory counts
+when it is more, plus what loads in flight will take. A new instance that would take the
+server past its memory budget first has states leave the prompt caches' RAM, then the idle
+instances of other models disposed, least recently used first (their states saved), and
+starts once they are gone; a model that could not fit even with everything else gone is
+refused with a 503 naming the budget. The caches grow only into the room the budget leaves.
 """
 
 from __future__ import annotations
