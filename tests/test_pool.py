@@ -32,6 +32,25 @@ def tasks(model=None):
     return [event for event in EVENTS if event[0] == "task" and (model is None or event[1] == model)]
 
 
+async def most_while(measure, job, *arguments) -> int:
+    """The highest value ``measure()`` took while ``job(argument)`` ran for each argument at once."""
+    most = 0
+
+    async def watch():
+        nonlocal most
+        while True:
+            most = max(most, measure())
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        async with trio.open_nursery() as jobs:
+            for argument in arguments:
+                jobs.start_soon(job, argument)
+        nursery.cancel_scope.cancel()
+    return most
+
+
 async def wait_until(predicate, timeout=5.0):
     with trio.fail_after(timeout):
         while not predicate():
@@ -50,20 +69,7 @@ async def test_concurrency_gate_processes_one_request_at_a_time():
                     first = first or trio.current_time()
                 spans[model] = (first, trio.current_time())
 
-        most = 0
-
-        async def watch():
-            nonlocal most
-            while True:
-                most = max(most, server.status()["processing"])
-                await trio.sleep(0.005)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            async with trio.open_nursery() as requests:
-                requests.start_soon(run, "a")
-                requests.start_soon(run, "b")
-            nursery.cancel_scope.cancel()
+        most = await most_while(lambda: server.status()["processing"], run, "a", "b")
     (a_start, a_end), (b_start, b_end) = spans["a"], spans["b"]
     assert most == 1
     assert a_end <= b_start or b_end <= a_start, "two requests ran at once despite concurrency = 1"
@@ -304,23 +310,12 @@ async def test_two_models_requested_at_once_that_do_not_fit_together_never_load_
     async with ModelServer(config({"memory_budget_mib": budget_for(1_650)}, a=spec, b=spec)) as server:
         # one model fits beside the 1,000 MiB the server holds beyond its accounting, two do not
         resident_like_a_server(monkeypatch, server.pool, beyond_mib=1_000)
-        answers, most = {}, 0
+        answers = {}
 
         async def ask(model):
             answers[model] = (await server.chat_completion(chat(model, "hello"))).choices[0].text
 
-        async def watch():
-            nonlocal most
-            while True:
-                most = max(most, len(server.status()["instances"]))
-                await trio.sleep(0.005)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            async with trio.open_nursery() as requests:
-                requests.start_soon(ask, "a")
-                requests.start_soon(ask, "b")
-            nursery.cancel_scope.cancel()
+        most = await most_while(lambda: len(server.status()["instances"]), ask, "a", "b")
         order = [event[:2] for event in EVENTS if event[0] in ("load", "dispose")]
     assert answers == {"a": "ok", "b": "ok"}
     assert most == 1, "both models were loading or loaded at once"
