@@ -220,8 +220,8 @@ class ModelPool:
         self._start_errors: dict[str, str] = {}
         """Why the last load (or blocking preparation) of a model the server starts with failed."""
         self._footprint_seen: dict[str, int] = {}
-        self._changes = 0
-        """Counts instances started and forgotten (to tell whether another came or went meanwhile)."""
+        self._promise: tuple[str, int] | None = None
+        """The model that instances are being disposed for, and the bytes its load will take."""
         self._preparing: set[str] = set()
         self.closed = False
         budget = config.server.memory_budget_mib
@@ -500,9 +500,7 @@ class ModelPool:
         self.baseline = max(self._started_with, process_rss() - held)
 
     def _estimate(self, model: ModelConfig) -> int:
-        """Bytes a new instance of ``model`` will take: as much as its last one did (what it
-        reported, or the growth of the process's resident memory while it loaded, when that
-        was more and nothing else loaded or left meanwhile), else the engine's estimate."""
+        """Bytes a new instance of ``model`` will take: as much as its last one did, else the engine's estimate."""
         if model.id in self._footprint_seen:
             return self._footprint_seen[model.id]
         _, prepared = self.store.preparation(model)
@@ -542,7 +540,10 @@ class ModelPool:
         when the model could not fit even with every other model and every state in RAM gone."""
         need = self._estimate(model)
         used = self._memory_used()
-        if used + need <= self.memory_budget:
+        promised = self._room_promised(model)
+        if used + need + promised <= self.memory_budget:
+            if self._promise is not None and self._promise[0] == model.id:
+                self._promise = None
             return True
         going = [i for i in self.instances.values() if i.model is not model or i.dispose_requested or i.draining]
         reclaimable = sum(instance.footprint for instance in going) + sum(cache.ram_bytes for cache in self.caches.values())
@@ -556,9 +557,24 @@ class ModelPool:
             )
             waiter.event.set()
             return False
+        if promised:
+            return False  # room is being made for another model's request, which came first
+        self._promise = (model.id, need)
         self._make_room(model, used + need - self.memory_budget, drain=True)
         # shrinking the prompt caches may have been enough; else each disposal dispatches again
         return self._memory_used() + need <= self.memory_budget
+
+    def _room_promised(self, model: ModelConfig) -> int:
+        """Bytes promised to the load of another model that room is being made for, while a
+        request for it waits (so that the room made is not taken by another model's load,
+        which that model would then have disposed in turn)."""
+        if self._promise is None or self._promise[0] == model.id:
+            return 0
+        model_id, need = self._promise
+        if not any(waiter.model.id == model_id and waiter.slot is None for waiter in self._waiters):
+            self._promise = None
+            return 0
+        return need
 
     def _make_room(self, model: ModelConfig | None, excess: int, drain: bool = False) -> None:
         """Free ``excess`` bytes (for a new instance of ``model``, or None to keep within the
@@ -661,7 +677,6 @@ class ModelPool:
         device = self._device(model, engine)
         instance = Instance(model, engine, device, self._estimate(model), self.caches.get(model.id))
         self.instances[instance.id] = instance
-        self._changes += 1
         self._bound_caches()  # what the new instance will take is no longer room for states
         if device.gpu:
             self._gpu_holder = instance
@@ -694,9 +709,7 @@ class ModelPool:
         log.info("loading %s on %s", instance.id, "gpu" if instance.device.gpu else "cpu")
         try:
             prepared = await self.store.prepare(model)
-            changes, before = self._changes, process_rss()
             engine_instance = await engine.create_instance(model, prepared, instance.device)
-            grown = process_rss() - before if self._alone(instance, since=changes) else 0
         except Exception as exception:
             error = exception if isinstance(exception, LllmsError) else ModelLoadError(
                 f"model {model.id!r} failed to load: {type(exception).__name__}: {exception}"
@@ -714,15 +727,14 @@ class ModelPool:
             instance.engine_instance = engine_instance
             instance.slots = [Slot(instance, index) for index in range(engine_instance.slots)]
             self._slots_seen[model.id] = len(instance.slots)
-            # a model's first load may bring its engine's libraries in too: only later loads tell its size
-            seen = model.id in self._footprint_seen
-            self._footprint_seen[model.id] = max(instance.footprint, grown) if seen else instance.footprint
+            self._footprint_seen[model.id] = instance.footprint
             excess = self._memory_used() - self.memory_budget
             if excess > 0:  # the engine's estimate was short
                 self._make_room(model, excess)
             await self._attach_disk_tier(instance)
             await self._preload(instance)
             instance.state = "ready"
+            instance.last_used = trio.current_time()  # not the least recently used before its first request
             self._measure_baseline()
             self._bound_caches()
             self._retry_delay.pop(model.id, None)
@@ -748,11 +760,6 @@ class ModelPool:
             self._bound_caches()
             self._refill(model)
             self._dispatch()
-
-    def _alone(self, instance: Instance, since: int) -> bool:
-        """Whether no other instance loaded or left since ``since`` (a value of ``_changes``)
-        and none is loading or leaving now: then a change of the resident memory is this instance's."""
-        return since == self._changes and all(other is instance or other.state == "ready" for other in self.instances.values())
 
     async def _attach_disk_tier(self, instance: Instance) -> None:
         """Start the disk tier of the model's prompt cache for this instance's kind of states."""
@@ -817,7 +824,6 @@ class ModelPool:
 
     def _forget(self, instance: Instance) -> None:
         self.instances.pop(instance.id, None)
-        self._changes += 1
         if self._gpu_holder is instance:
             self._gpu_holder = None
 

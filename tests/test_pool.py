@@ -333,6 +333,20 @@ async def test_a_load_waits_until_the_disposal_that_makes_room_for_it_is_done():
     assert order == [("load", "a"), ("dispose", "a"), ("disposed", "a"), ("load", "b")]
 
 
+async def test_the_room_made_for_a_model_goes_to_its_load_not_to_a_model_that_was_waiting_for_a_slot():
+    a = {"memory_mib": 10_000, "token_delay": 0.05, "reply": "one two three four five six"}
+    b = {"memory_mib": 10_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(15_000)}, a=a, b=b)) as server:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.chat_completion, chat("a", "first"))
+            await wait_until(lambda: server.status()["processing"] == 1)
+            nursery.start_soon(server.chat_completion, chat("a", "second"))  # waits for a's one slot
+            await wait_until(lambda: server.status()["queued"] == 1)
+            nursery.start_soon(server.chat_completion, chat("b", "hello"))  # a goes once idle, to make room for b
+        order = [event[:2] for event in EVENTS if event[0] in ("load", "dispose")]
+    # not a disposed, loaded again for its second request, and disposed again for b
+    assert order == [("load", "a"), ("dispose", "a"), ("load", "b"), ("dispose", "b"), ("load", "a")]
+
 async def test_states_leave_ram_before_an_idle_model_is_disposed_to_admit_another():
     spec = {"memory_mib": 1_000, "reply": "ok"}
     server_config = config({"memory_budget_mib": budget_for(2_500), "prompt_cache_mib": 2_000}, a=spec, b=spec)
