@@ -571,8 +571,9 @@ class ModelPool:
         if self._promise is None or self._promise[0] == model.id:
             return 0
         model_id, need = self._promise
-        if not any(waiter.model.id == model_id and waiter.slot is None for waiter in self._waiters):
-            self._promise = None
+        waiting = any(waiter.model.id == model_id and waiter.slot is None for waiter in self._waiters)
+        if not waiting or not self._can_spawn(self.config.models[model_id]):
+            self._promise = None  # its requests were served, left, or wait for the instances it has
             return 0
         return need
 
