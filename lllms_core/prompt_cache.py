@@ -442,10 +442,6 @@ class PromptCache:
                 if entry.tokens == tuple(tokens):
                     self._set_key(entry, key)
 
-    def clear_ram(self) -> None:
-        """Drop the RAM copies of all states (those on disk stay findable)."""
-        self.trim(0)
-
     def trim(self, ram_bytes: int) -> None:
         """Drop RAM copies, least recently used first, until at most ``ram_bytes`` are held."""
         with self._lock:
