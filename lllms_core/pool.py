@@ -222,6 +222,10 @@ class ModelPool:
         self._footprint_seen: dict[str, int] = {}
         self._promise: tuple[str, int] | None = None
         """The model that instances are being disposed for, and the bytes its load will take."""
+        self._releasing_heap = False
+        self._heap_released = False
+        """Whether the C heap's free memory went back to the system since the last request
+        ended, to admit a model before it is refused."""
         self._preparing: set[str] = set()
         self.closed = False
         budget = config.server.memory_budget_mib
@@ -536,33 +540,64 @@ class ModelPool:
         """Whether a new instance of ``model`` fits the memory budget now, counting the
         instances still loading or being disposed. If not, room is made (the prompt caches'
         RAM first, then idle instances of other models, least recently used first) and the
-        request waits until the disposals are done and their memory is free; it is refused
-        when the model could not fit even with every other model and every state in RAM gone."""
+        request waits until the disposals are done and their memory is free. It is refused
+        when the model could not fit even with every other model and every state in RAM gone,
+        or when nothing is left to free and the process itself (after handing its free heap
+        back) leaves no room."""
         need = self._estimate(model)
         used = self._memory_used()
         promised = self._room_promised(model)
         if used + need + promised <= self.memory_budget:
-            if self._promise is not None and self._promise[0] == model.id:
-                self._promise = None
+            self._keep_promise(model)
             return True
         going = [i for i in self.instances.values() if i.model is not model or i.dispose_requested or i.draining]
         reclaimable = sum(instance.footprint for instance in going) + sum(cache.ram_bytes for cache in self.caches.values())
         if used - reclaimable + need > self.memory_budget and self._count(model) == 0:
-            self._waiters.remove(waiter)
-            waiter.error = ServiceUnavailableError(
-                f"model {model.id!r} needs about {need // MIB} MiB; the server's memory budget is "
-                f"{self.memory_budget // MIB} MiB (server.memory_budget_mib), of which {(used - reclaimable) // MIB} MiB "
-                "are taken by the server itself",
-                code="memory_budget_exceeded",
-            )
-            waiter.event.set()
+            self._refuse(waiter, need, used - reclaimable)
             return False
         if promised:
             return False  # room is being made for another model's request, which came first
         self._promise = (model.id, need)
         self._make_room(model, used + need - self.memory_budget, drain=True)
-        # shrinking the prompt caches may have been enough; else each disposal dispatches again
-        return self._memory_used() + need <= self.memory_budget
+        used = self._memory_used()
+        if used + need <= self.memory_budget:  # shrinking the prompt caches was enough
+            self._keep_promise(model)
+            return True
+        if any(i.state != "ready" or i.dispose_requested or i.draining for i in self.instances.values()):
+            return False  # each load and disposal dispatches again
+        if self._count(model) > 0:
+            return False  # its instances serve the request once a slot is free
+        # nothing is on its way out: the process itself holds the room (a heap that grew)
+        if not self._heap_released:
+            if not self._releasing_heap:
+                self._releasing_heap = True
+                self._nursery.start_soon(self._release_heap_then_dispatch)
+            return False
+        self._refuse(waiter, need, used)
+        return False
+
+    def _refuse(self, waiter: _Waiter, need: int, held: int) -> None:
+        self._waiters.remove(waiter)
+        waiter.error = ServiceUnavailableError(
+            f"model {waiter.model.id!r} needs about {need // MIB} MiB; the server's memory budget is "
+            f"{self.memory_budget // MIB} MiB (server.memory_budget_mib), of which {held // MIB} MiB "
+            "are taken by the server itself",
+            code="memory_budget_exceeded",
+        )
+        waiter.event.set()
+
+    async def _release_heap_then_dispatch(self) -> None:
+        try:
+            await trio.to_thread.run_sync(release_free_memory)
+        finally:
+            self._releasing_heap = False
+            self._heap_released = True
+            self._dispatch()
+
+    def _keep_promise(self, model: ModelConfig) -> None:
+        """The model's load is admitted: the room promised to it is taken."""
+        if self._promise is not None and self._promise[0] == model.id:
+            self._promise = None
 
     def _room_promised(self, model: ModelConfig) -> int:
         """Bytes promised to the load of another model that room is being made for, while a
@@ -621,6 +656,7 @@ class ModelPool:
     def _fit_memory(self) -> None:
         """Keep within the budget after a request (an estimate fell short, a prompt cache
         grew): the caches' least recently used states leave RAM, then idle instances go."""
+        self._heap_released = False
         excess = self._memory_used() - self.memory_budget
         if excess > 0:
             self._make_room(None, excess)
