@@ -347,6 +347,30 @@ async def test_the_room_made_for_a_model_goes_to_its_load_not_to_a_model_that_wa
     # not a disposed, loaded again for its second request, and disposed again for b
     assert order == [("load", "a"), ("dispose", "a"), ("load", "b"), ("dispose", "b"), ("load", "a")]
 
+async def test_a_model_the_process_itself_leaves_no_room_for_is_refused_and_other_models_are_served(monkeypatch):
+    from lllms_core.errors import ServiceUnavailableError
+
+    models = {"a": {"memory_mib": 1_000}, "b": {"memory_mib": 100, "reply": "ok"}}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_250), "prompt_cache_mib": 1_000}, **models)) as server:
+        for state in range(16):  # 800 MiB of states: room enough for a, one would think
+            server.pool.caches["a"].put(list(range(state * 100, state * 100 + 64)), b"state", 50 * MIB)
+        # the process holds 600 MiB more than it accounts for, and dropping states does not shrink it
+        resident_like_a_server(monkeypatch, server.pool, beyond_mib=600)
+        results = {}
+
+        async def ask(model):
+            try:
+                results[model] = (await server.chat_completion(chat(model, "hello"))).choices[0].text
+            except ServiceUnavailableError as error:
+                results[model] = error.code
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "a")
+                await wait_until(lambda: "a" in results or server.status()["queued"] == 1)
+                nursery.start_soon(ask, "b")
+    assert results == {"a": "memory_budget_exceeded", "b": "ok"}
+
 async def test_states_leave_ram_before_an_idle_model_is_disposed_to_admit_another():
     spec = {"memory_mib": 1_000, "reply": "ok"}
     server_config = config({"memory_budget_mib": budget_for(2_500), "prompt_cache_mib": 2_000}, a=spec, b=spec)
