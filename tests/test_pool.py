@@ -129,7 +129,7 @@ async def test_idle_instance_is_disposed_when_its_ttl_runs_out():
         await wait_until(lambda: ("dispose", "z") in EVENTS, timeout=1)
         assert ("dispose", "m") not in EVENTS, "ttl 0.3 s: still alive right after the request"
         await wait_until(lambda: ("dispose", "m") in EVENTS, timeout=3)
-        assert server.status()["instances"] == []
+        await wait_until(lambda: server.status()["instances"] == [], timeout=1)  # its memory handed back (malloc_trim)
 
 
 async def test_min_instances_are_loaded_at_start_and_refilled_after_a_failed_load():
