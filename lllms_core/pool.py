@@ -552,7 +552,10 @@ class ModelPool:
             return True
         going = [i for i in self.instances.values() if i.model is not model or i.dispose_requested or i.draining]
         reclaimable = sum(instance.footprint for instance in going) + sum(cache.ram_bytes for cache in self.caches.values())
-        if used - reclaimable + need > self.memory_budget and self._count(model) == 0:
+        loading = any(instance.engine_instance is None for instance in self.instances.values())
+        # while a load is in flight the resident memory holds part of it, which ``used`` counts
+        # again at its full projected size: decide on a refusal once it is loaded
+        if used - reclaimable + need > self.memory_budget and self._count(model) == 0 and not loading:
             self._refuse(waiter, need, used - reclaimable)
             return False
         if promised:
