@@ -90,6 +90,7 @@ class Load:
         self.per_minute: dict[int, float] = {}
         self.instances_seen: set[str] = set()
         self.instances_gone: set[str] = set()
+        self.slow_status = 0
         self.start = time.monotonic()
 
     def words(self, count: int) -> str:
@@ -127,9 +128,13 @@ class Load:
             await asyncio.sleep(0.25)
 
     async def watch(self, deadline: float) -> None:
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=60) as http:
             while time.monotonic() < deadline:
-                status = (await http.get(self.url + "/")).json()
+                try:
+                    status = (await http.get(self.url + "/")).json()
+                except httpx.TimeoutException:  # the server is busy (torch importing for a first load): a figure, not the end
+                    self.slow_status += 1
+                    continue
                 now = {instance["id"] for instance in status["instances"]}
                 self.instances_gone |= self.instances_seen - now
                 self.instances_seen |= now
@@ -140,7 +145,7 @@ class Load:
         await asyncio.gather(
             self.sample(deadline), self.watch(deadline), *(self.worker(deadline) for _ in range(self.args.workers))
         )
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(timeout=60) as http:
             status = (await http.get(self.url + "/")).json()
         await self.client.close()
         return {
@@ -152,6 +157,7 @@ class Load:
             "first_errors": self.first_errors,
             "instances_loaded": len(self.instances_seen),
             "instances_disposed": len(self.instances_gone),
+            "status_polls_timed_out": self.slow_status,
             "memory_at_end": status["memory"],
             "prompt_caches_at_end": {m: r.get("prompt_cache") for m, r in status["models"].items()},
         }

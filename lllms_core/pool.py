@@ -18,11 +18,13 @@ request: another takes it only when no other idle slot will do. A global
 ``concurrency`` limit gates how many slots are busy at once.
 
 Memory: every instance counts what it holds (or, before it is loaded, the engine's
-estimate), and the prompt caches count their RAM. A new instance that would take the
-server past its memory budget first has the idle instances of other models disposed,
-least recently used first (their states saved), but not one whose idle slots requests
-waiting for its model are about to take; a model that could not fit even with
-everything else gone is refused with a 503 naming the budget.
+estimate), and the prompt caches count their RAM; the process's resident memory counts
+when it is more, plus what loads in flight will take. A new instance that would take the
+server past its memory budget first has states leave the prompt caches' RAM, then the idle
+instances of other models disposed, least recently used first (their states saved), but
+not one whose idle slots requests waiting for its model are about to take, and starts once
+they are gone; a model that could not fit even with everything else gone is refused with a
+503 naming the budget. The caches grow only into the room the budget leaves.
 """
 
 from __future__ import annotations
@@ -232,6 +234,12 @@ class ModelPool:
         self._start_errors: dict[str, str] = {}
         """Why the last load (or blocking preparation) of a model the server starts with failed."""
         self._footprint_seen: dict[str, int] = {}
+        self._promise: tuple[str, int] | None = None
+        """The model that instances are being disposed for, and the bytes its load will take."""
+        self._releasing_heap = False
+        self._heap_released = False
+        """Whether the C heap's free memory went back to the system since the last request
+        ended, to admit a model before it is refused."""
         self._preparing: set[str] = set()
         self.closed = False
         budget = config.server.memory_budget_mib
@@ -501,13 +509,16 @@ class ModelPool:
     def _memory_used(self) -> int:
         """What counts against the budget: the server itself, its instances and its prompt
         caches, or the process's resident memory when that is more (what engines hold beyond
-        what they report, a heap that grew)."""
+        what they report, a heap that grew) together with what the instances still loading
+        will take (their memory is not resident yet, so resident memory alone would admit a
+        second load beside them)."""
         accounted = (
             self.baseline
             + sum(instance.footprint for instance in self.instances.values())
             + sum(cache.ram_bytes for cache in self.caches.values())
         )
-        return max(accounted, process_rss())
+        coming = sum(instance.footprint for instance in self.instances.values() if instance.engine_instance is None)
+        return max(accounted, process_rss() + coming)
 
     def _measure_baseline(self) -> None:
         """What the process holds beside its instances and caches, read while no instance is
@@ -554,39 +565,93 @@ class ModelPool:
             self._dispatch()
 
     def _memory_allows(self, model: ModelConfig, waiter: _Waiter) -> bool:
-        """Whether a new instance of ``model`` fits the memory budget now. If not, idle
-        instances of other models are disposed (least recently used first; the request
-        waits for them), or the request is refused when the model could not fit even with
-        every other model and prompt cache gone."""
+        """Whether a new instance of ``model`` fits the memory budget now, counting the
+        instances still loading or being disposed. If not, room is made (the prompt caches'
+        RAM first, then idle instances of other models, least recently used first) and the
+        request waits until the disposals are done and their memory is free. It is refused
+        when the model could not fit even with every other model and every state in RAM gone,
+        or when nothing is left to free and the process itself (after handing its free heap
+        back) leaves no room."""
         need = self._estimate(model)
         used = self._memory_used()
-        if used + need <= self.memory_budget:
+        promised = self._room_promised(model)
+        if used + need + promised <= self.memory_budget:
+            self._keep_promise(model)
             return True
         going = [i for i in self.instances.values() if i.model is not model or i.dispose_requested or i.draining]
-        reclaimable = sum(instance.footprint for instance in going) + sum(
-            cache.ram_bytes for model_id, cache in self.caches.items() if model_id != model.id
-        )
-        if used - reclaimable + need > self.memory_budget and self._count(model) == 0:
-            self._waiters.remove(waiter)
-            waiter.error = ServiceUnavailableError(
-                f"model {model.id!r} needs about {need // MIB} MiB; the server's memory budget is "
-                f"{self.memory_budget // MIB} MiB (server.memory_budget_mib), of which {(used - reclaimable) // MIB} MiB "
-                "are taken by the server and what it keeps of this model",
-                code="memory_budget_exceeded",
-            )
-            waiter.event.set()
+        reclaimable = sum(instance.footprint for instance in going) + sum(cache.ram_bytes for cache in self.caches.values())
+        loading = any(instance.engine_instance is None for instance in self.instances.values())
+        # while a load is in flight the resident memory holds part of it, which ``used`` counts
+        # again at its full projected size: decide on a refusal once it is loaded
+        if used - reclaimable + need > self.memory_budget and self._count(model) == 0 and not loading:
+            self._refuse(waiter, need, used - reclaimable)
             return False
+        if promised:
+            return False  # room is being made for another model's request, which came first
+        self._promise = (model.id, need)
         self._make_room(model, used + need - self.memory_budget, drain=True)
-        # dropping states from RAM may have been enough; else each disposal dispatches again
-        return self._memory_used() + need <= self.memory_budget
+        used = self._memory_used()
+        if used + need <= self.memory_budget:  # shrinking the prompt caches was enough
+            self._keep_promise(model)
+            return True
+        if any(i.state != "ready" or i.dispose_requested or i.draining for i in self.instances.values()):
+            return False  # each load and disposal dispatches again
+        if self._count(model) > 0:
+            return False  # its instances serve the request once a slot is free
+        # nothing is on its way out: the process itself holds the room (a heap that grew)
+        if not self._heap_released:
+            if not self._releasing_heap:
+                self._releasing_heap = True
+                self._nursery.start_soon(self._release_heap_then_dispatch)
+            return False
+        self._refuse(waiter, need, used)
+        return False
+
+    def _refuse(self, waiter: _Waiter, need: int, held: int) -> None:
+        self._waiters.remove(waiter)
+        waiter.error = ServiceUnavailableError(
+            f"model {waiter.model.id!r} needs about {need // MIB} MiB; the server's memory budget is "
+            f"{self.memory_budget // MIB} MiB (server.memory_budget_mib), of which {held // MIB} MiB "
+            "are taken by the server itself",
+            code="memory_budget_exceeded",
+        )
+        waiter.event.set()
+
+    async def _release_heap_then_dispatch(self) -> None:
+        try:
+            await trio.to_thread.run_sync(release_free_memory)
+        finally:
+            self._releasing_heap = False
+            self._heap_released = True
+            self._dispatch()
+
+    def _keep_promise(self, model: ModelConfig) -> None:
+        """The model's load is admitted: the room promised to it is taken."""
+        if self._promise is not None and self._promise[0] == model.id:
+            self._promise = None
+
+    def _room_promised(self, model: ModelConfig) -> int:
+        """Bytes promised to the load of another model that room is being made for, while a
+        request for it waits (so that the room made is not taken by another model's load,
+        which that model would then have disposed in turn)."""
+        if self._promise is None or self._promise[0] == model.id:
+            return 0
+        model_id, need = self._promise
+        waiting = any(waiter.model.id == model_id and waiter.slot is None for waiter in self._waiters)
+        if not waiting or not self._can_spawn(self.config.models[model_id]):
+            self._promise = None  # its requests were served, left, or wait for the instances it has
+            return 0
+        return need
 
     def _make_room(self, model: ModelConfig | None, excess: int, drain: bool = False) -> None:
-        """Free ``excess`` bytes for ``model``: dispose idle instances of other models, least
-        recently used first (their states are saved); with ``drain``, then let busy ones take
-        no new request and go once idle; then drop the RAM copies of the states of models no
-        instance holds (they went to disk when their instances were disposed)."""
+        """Free ``excess`` bytes (for a new instance of ``model``, or None to keep within the
+        budget): what instances already being disposed will free counts; then the prompt
+        caches' states leave RAM (see ``_shrink_caches``); then idle instances of other models
+        are disposed, least recently used first (their states are saved); with ``drain``,
+        then busy ones take no new request and go once idle."""
         others = [instance for instance in self.instances.values() if instance.model is not model]
-        freeing = sum(instance.footprint for instance in others if instance.dispose_requested or instance.draining)
+        excess -= sum(instance.footprint for instance in others if instance.dispose_requested or instance.draining)
+        excess -= self._shrink_caches(excess)
         # requests are served in arrival order, so a younger request may not have taken the idle
         # slot waiting for it yet: its instance stays (a nested request passes the concurrency limit)
         limit = self.config.server.concurrency
@@ -597,7 +662,7 @@ class ModelPool:
         if drain:
             victims += sorted((i for i in others if i.ready and not i.idle), key=lambda i: i.last_used)
         for victim in victims:
-            if freeing >= excess:
+            if excess <= 0:
                 return
             log.info("disposing %s to keep within the memory budget", victim.id, extra={"model": victim.model.id})
             if victim.idle:
@@ -605,30 +670,57 @@ class ModelPool:
                 victim.poke()
             else:
                 victim.draining = True
-            freeing += victim.footprint
-        for model_id, cache in self.caches.items():
-            if freeing >= excess:
+            excess -= victim.footprint
+
+    def _shrink_caches(self, excess: int, keep: PromptCache | None = None) -> int:
+        """Drop up to ``excess`` bytes of states from the prompt caches' RAM (all but ``keep``),
+        least recently used first: first the caches of models no instance holds (their states
+        went to disk when their instances were disposed), then the others. Returns the bytes freed."""
+        held = {instance.model.id for instance in self.instances.values()}
+        caches = sorted(
+            (cache for cache in self.caches.values() if cache is not keep and cache.ram_bytes),
+            key=lambda cache: cache.model_id in held,
+        )
+        freed = 0
+        for cache in caches:
+            if freed >= excess:
                 break
-            if (model is None or model_id != model.id) and not any(i.model.id == model_id for i in self.instances.values()):
-                freeing += cache.ram_bytes
-                cache.clear_ram()
+            before = cache.ram_bytes
+            cache.trim(max(0, before - (excess - freed)))
+            freed += before - cache.ram_bytes
+        return freed
 
     def _fit_memory(self) -> None:
-        """Keep within the budget after a request: idle instances go, least recently used first
-        (an estimate fell short, or several loaded at once), then the prompt caches' least
-        recently used states leave RAM, the largest cache first."""
+        """Keep within the budget after a request (an estimate fell short, a prompt cache
+        grew): the caches' least recently used states leave RAM, then idle instances go."""
+        self._heap_released = False
         excess = self._memory_used() - self.memory_budget
         if excess > 0:
             self._make_room(None, excess)
-        excess = self._memory_used() - self.memory_budget - sum(
-            instance.footprint for instance in self.instances.values() if instance.dispose_requested
-        )
-        for cache in sorted(self.caches.values(), key=lambda cache: cache.ram_bytes, reverse=True):
-            if excess <= 0:
-                return
-            held = cache.ram_bytes
-            cache.trim(max(0, held - excess))
-            excess -= held - cache.ram_bytes
+        self._bound_caches()
+
+    def _bound_caches(self, only: PromptCache | None = None) -> None:
+        """Let the prompt caches of the models with instances (or ``only`` that one) grow
+        (engines save states into them) only into the room the budget leaves now, shared
+        between them; the others hold what they hold."""
+        room = max(0, self.memory_budget - self._memory_used())
+        live = {instance.model.id for instance in self.instances.values()}
+        growing = [only] if only is not None else [cache for model_id, cache in self.caches.items() if model_id in live]
+        for cache in self.caches.values():
+            cache.ram_ceiling = cache.ram_bytes + (room // len(growing) if cache in growing else 0)
+
+    def _room_for_states(self, instance: Instance) -> None:
+        """Before a leaving instance's states are saved into its prompt cache's RAM (while the
+        instance still holds its memory): the other caches shrink so that the cache can grow
+        to its bound within the budget."""
+        cache = instance.prompt_cache
+        if cache is None or instance.engine_instance is None:
+            return
+        growth = min(instance.footprint, max(0, cache.ram_limit - cache.ram_bytes))
+        excess = self._memory_used() + growth - self.memory_budget
+        if excess > 0:
+            self._shrink_caches(excess, keep=cache)
+        self._bound_caches(only=cache)
 
     def _count(self, model: ModelConfig) -> int:
         return sum(1 for i in self.instances.values() if i.model is model and not i.dispose_requested)
@@ -659,6 +751,7 @@ class ModelPool:
         device = self._device(model, engine)
         instance = Instance(model, engine, device, self._estimate(model), self.caches.get(model.id))
         self.instances[instance.id] = instance
+        self._bound_caches()  # what the new instance will take is no longer room for states
         if device.gpu:
             self._gpu_holder = instance
         loaded = trio.Event()
@@ -715,7 +808,9 @@ class ModelPool:
             await self._attach_disk_tier(instance)
             await self._preload(instance)
             instance.state = "ready"
+            instance.last_used = trio.current_time()  # not the least recently used before its first request
             self._measure_baseline()
+            self._bound_caches()
             self._retry_delay.pop(model.id, None)
             self._start_errors.pop(model.id, None)
             log.info("loaded %s (%d slots)", instance.id, len(instance.slots))
@@ -726,6 +821,7 @@ class ModelPool:
             instance.state = "disposing"
             instance.dispose_requested = True
             with trio.CancelScope(shield=True):
+                self._room_for_states(instance)
                 await self._save_states(instance)
                 try:
                     await engine.dispose_instance(engine_instance)
@@ -735,6 +831,7 @@ class ModelPool:
             log.info("disposed %s", instance.id)
             self._forget(instance)
             self._measure_baseline()
+            self._bound_caches()
             self._refill(model)
             self._dispatch()
 

@@ -127,6 +127,9 @@ class PromptCache:
     def __init__(self, model_id: str, *, ram_bytes: int, disk_bytes: int, directory: Path | None):
         self.model_id = model_id
         self.ram_limit = ram_bytes
+        self.ram_ceiling: int | None = None
+        """Set by the server: the RAM tier holds at most this for now, when the server's memory
+        budget leaves it less room than ``ram_limit``."""
         self.disk_limit = disk_bytes if directory is not None else 0
         self.root = directory
         self.directory: Path | None = None
@@ -321,7 +324,7 @@ class PromptCache:
         whose tokens start with these makes this one redundant; held states that are a
         prefix of this one are dropped. Returns whether the state was kept."""
         tokens = tuple(tokens)
-        if not self.ram_limit or size > self.ram_limit or len(tokens) < BLOCK:
+        if not self.ram_limit or size > self.ram_room or len(tokens) < BLOCK:
             return False
         hashes = block_hashes(tokens)
         with self._lock:
@@ -394,7 +397,7 @@ class PromptCache:
             if not self.on_disk:
                 return False
             best = self._best(tokens, better_than, in_ram=False)
-            if best is None or best[0].data is not None:
+            if best is None or best[0].data is not None or best[0].size > self.ram_room:
                 return False
             entry = best[0]
         data = self._read(entry)
@@ -438,10 +441,6 @@ class PromptCache:
             for entry in self._by_block.get(hashes[-1], ()):
                 if entry.tokens == tuple(tokens):
                     self._set_key(entry, key)
-
-    def clear_ram(self) -> None:
-        """Drop the RAM copies of all states (those on disk stay findable)."""
-        self.trim(0)
 
     def trim(self, ram_bytes: int) -> None:
         """Drop RAM copies, least recently used first, until at most ``ram_bytes`` are held."""
@@ -524,7 +523,7 @@ class PromptCache:
 
     def _trim_ram(self, keep: CachedState) -> None:
         ram = self.stats["ram"]
-        while ram.bytes > self.ram_limit:
+        while ram.bytes > self.ram_room:
             victim = min(
                 (e for e in self._entries if e.data is not None and e is not keep), key=lambda e: e.last_used, default=None
             )
@@ -537,6 +536,11 @@ class PromptCache:
     @property
     def ram_bytes(self) -> int:
         return self.stats["ram"].bytes
+
+    @property
+    def ram_room(self) -> int:
+        """Bytes the RAM tier may hold now."""
+        return self.ram_limit if self.ram_ceiling is None else min(self.ram_limit, self.ram_ceiling)
 
     def status(self) -> dict[str, Any]:
         with self._lock:

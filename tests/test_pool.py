@@ -32,6 +32,25 @@ def tasks(model=None):
     return [event for event in EVENTS if event[0] == "task" and (model is None or event[1] == model)]
 
 
+async def most_while(measure, job, *arguments) -> int:
+    """The highest value ``measure()`` took while ``job(argument)`` ran for each argument at once."""
+    most = 0
+
+    async def watch():
+        nonlocal most
+        while True:
+            most = max(most, measure())
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        async with trio.open_nursery() as jobs:
+            for argument in arguments:
+                jobs.start_soon(job, argument)
+        nursery.cancel_scope.cancel()
+    return most
+
+
 async def wait_until(predicate, timeout=5.0):
     with trio.fail_after(timeout):
         while not predicate():
@@ -50,20 +69,7 @@ async def test_concurrency_gate_processes_one_request_at_a_time():
                     first = first or trio.current_time()
                 spans[model] = (first, trio.current_time())
 
-        most = 0
-
-        async def watch():
-            nonlocal most
-            while True:
-                most = max(most, server.status()["processing"])
-                await trio.sleep(0.005)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
-            async with trio.open_nursery() as requests:
-                requests.start_soon(run, "a")
-                requests.start_soon(run, "b")
-            nursery.cancel_scope.cancel()
+        most = await most_while(lambda: server.status()["processing"], run, "a", "b")
     (a_start, a_end), (b_start, b_end) = spans["a"], spans["b"]
     assert most == 1
     assert a_end <= b_start or b_end <= a_start, "two requests ran at once despite concurrency = 1"
@@ -122,8 +128,8 @@ async def test_idle_instance_is_disposed_when_its_ttl_runs_out():
         await server.chat_completion(chat("z", "hello"))
         await wait_until(lambda: ("dispose", "z") in EVENTS, timeout=1)
         assert ("dispose", "m") not in EVENTS, "ttl 0.3 s: still alive right after the request"
-        # the engine disposes the instance before the pool forgets it
-        await wait_until(lambda: ("dispose", "m") in EVENTS and server.status()["instances"] == [], timeout=3)
+        await wait_until(lambda: ("dispose", "m") in EVENTS, timeout=3)
+        await wait_until(lambda: server.status()["instances"] == [], timeout=1)  # its memory handed back (malloc_trim)
 
 
 async def test_min_instances_are_loaded_at_start_and_refilled_after_a_failed_load():
@@ -279,6 +285,130 @@ async def test_a_model_that_cannot_fit_the_memory_budget_is_refused_with_a_503()
         assert any(event[:2] == ("load", "small") for event in EVENTS) and not any(event[:2] == ("load", "huge") for event in EVENTS)
     assert refused.value.status == 503 and refused.value.code == "memory_budget_exceeded"
     assert "5000 MiB" in refused.value.message and f"memory budget is {budget} MiB" in refused.value.message
+
+
+def resident_like_a_server(monkeypatch, pool, beyond_mib: int) -> None:
+    """Let the pool read the process's resident memory as a real server's: the test process,
+    ``beyond_mib`` held beyond what the pool accounts for (a library an engine loaded, as
+    torch), and what each fake instance reports holding, from the end of its load until its
+    disposal is done (a fake instance holds nothing really)."""
+    import lllms_core.pool
+
+    measured = lllms_core.pool.process_rss
+
+    def resident() -> int:
+        instances = pool.instances.values()
+        held = sum(i.engine_instance.memory_bytes for i in instances if i.engine_instance is not None)
+        return measured() + beyond_mib * MIB + held
+
+    monkeypatch.setattr(lllms_core.pool, "process_rss", resident)
+
+
+async def test_two_models_requested_at_once_that_do_not_fit_together_never_load_at_the_same_time(monkeypatch):
+    spec = {"memory_mib": 500, "load_delay": 0.3, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_650)}, a=spec, b=spec)) as server:
+        # one model fits beside the 1,000 MiB the server holds beyond its accounting, two do not
+        resident_like_a_server(monkeypatch, server.pool, beyond_mib=1_000)
+        answers = {}
+
+        async def ask(model):
+            answers[model] = (await server.chat_completion(chat(model, "hello"))).choices[0].text
+
+        most = await most_while(lambda: len(server.status()["instances"]), ask, "a", "b")
+        order = [event[:2] for event in EVENTS if event[0] in ("load", "dispose")]
+    assert answers == {"a": "ok", "b": "ok"}
+    assert most == 1, "both models were loading or loaded at once"
+    assert order in ([("load", "a"), ("dispose", "a"), ("load", "b")], [("load", "b"), ("dispose", "b"), ("load", "a")])
+
+
+async def test_a_load_waits_until_the_disposal_that_makes_room_for_it_is_done():
+    a = {"memory_mib": 10_000, "dispose_delay": 0.5, "reply": "ok"}
+    b = {"memory_mib": 10_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(15_000)}, a=a, b=b)) as server:
+        await server.chat_completion(chat("a", "hello"))
+        answer = await server.chat_completion(chat("b", "hello"))
+        order = [event[:2] for event in EVENTS if event[0] in ("load", "dispose", "disposed")]
+    assert answer.choices[0].text == "ok"
+    assert order == [("load", "a"), ("dispose", "a"), ("disposed", "a"), ("load", "b")]
+
+
+async def test_the_room_made_for_a_model_goes_to_its_load_not_to_a_model_that_was_waiting_for_a_slot():
+    a = {"memory_mib": 10_000, "token_delay": 0.05, "reply": "one two three four five six"}
+    b = {"memory_mib": 10_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(15_000)}, a=a, b=b)) as server:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.chat_completion, chat("a", "first"))
+            await wait_until(lambda: server.status()["processing"] == 1)
+            nursery.start_soon(server.chat_completion, chat("a", "second"))  # waits for a's one slot
+            await wait_until(lambda: server.status()["queued"] == 1)
+            nursery.start_soon(server.chat_completion, chat("b", "hello"))  # a goes once idle, to make room for b
+        order = [event[:2] for event in EVENTS if event[0] in ("load", "dispose")]
+    # not a disposed, loaded again for its second request, and disposed again for b
+    assert order == [("load", "a"), ("dispose", "a"), ("load", "b"), ("dispose", "b"), ("load", "a")]
+
+async def test_a_model_the_process_itself_leaves_no_room_for_is_refused_and_other_models_are_served(monkeypatch):
+    from lllms_core.errors import ServiceUnavailableError
+
+    models = {"a": {"memory_mib": 1_000}, "b": {"memory_mib": 100, "reply": "ok"}}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_250), "prompt_cache_mib": 1_000}, **models)) as server:
+        for state in range(16):  # 800 MiB of states: room enough for a, one would think
+            server.pool.caches["a"].put(list(range(state * 100, state * 100 + 64)), b"state", 50 * MIB)
+        # the process holds 600 MiB more than it accounts for, and dropping states does not shrink it
+        resident_like_a_server(monkeypatch, server.pool, beyond_mib=600)
+        results = {}
+
+        async def ask(model):
+            try:
+                results[model] = (await server.chat_completion(chat(model, "hello"))).choices[0].text
+            except ServiceUnavailableError as error:
+                results[model] = error.code
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "a")
+                await wait_until(lambda: "a" in results or server.status()["queued"] == 1)
+                nursery.start_soon(ask, "b")
+    assert results == {"a": "memory_budget_exceeded", "b": "ok"}
+
+async def test_states_leave_ram_before_an_idle_model_is_disposed_to_admit_another():
+    spec = {"memory_mib": 1_000, "reply": "ok"}
+    server_config = config({"memory_budget_mib": budget_for(2_500), "prompt_cache_mib": 2_000}, a=spec, b=spec)
+    async with ModelServer(server_config) as server:
+        await server.chat_completion(chat("a", "hello"))
+        cache = server.pool.caches["a"]
+        older, newer = list(range(64)), list(range(100, 164))
+        cache.put(older, b"state", 400 * MIB)
+        cache.put(newer, b"state", 400 * MIB)
+        await server.chat_completion(chat("b", "hello"))  # 1,000 MiB more: one state must go
+        loaded = sorted(instance["model"] for instance in server.status()["instances"])
+        kept = [cache.lookup(older) is not None, cache.lookup(newer) is not None]
+        disposed = [event for event in EVENTS if event[0] == "dispose"]
+    assert loaded == ["a", "b"] and not disposed
+    assert kept == [False, True], "the least recently used state leaves RAM"
+
+
+async def test_a_model_whose_own_states_in_ram_stand_in_its_way_is_admitted_not_refused():
+    spec = {"memory_mib": 1_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_500), "prompt_cache_mib": 2_000}, a=spec)) as server:
+        server.pool.caches["a"].put(list(range(64)), b"state", 800 * MIB)  # states of an earlier instance
+        answer = await server.chat_completion(chat("a", "hello"))
+        memory = server.status()["memory"]
+    assert answer.choices[0].text == "ok"
+    assert memory["used_bytes"] <= memory["budget_bytes"]
+
+
+async def test_a_prompt_cache_grows_only_into_the_room_the_memory_budget_leaves():
+    spec = {"memory_mib": 1_000, "reply": "ok"}
+    async with ModelServer(config({"memory_budget_mib": budget_for(1_500), "prompt_cache_mib": 2_000}, a=spec)) as server:
+        await server.chat_completion(chat("a", "hello"))  # about 750 MiB left for states
+        cache = server.pool.caches["a"]
+        first, second, third = list(range(64)), list(range(100, 164)), list(range(200, 264))
+        kept = [cache.put(first, b"state", 500 * MIB), cache.put(second, b"state", 500 * MIB), cache.put(third, b"state", 900 * MIB)]
+        held = [cache.lookup(first) is not None, cache.lookup(second) is not None]
+        memory = server.status()["memory"]
+    assert kept == [True, True, False], "a state bigger than the room left is not kept"
+    assert held == [False, True], "the older state made room for the newer"
+    assert memory["used_bytes"] <= memory["budget_bytes"]
 
 
 def save_state_of(server, request: dict, first_token: int = 0) -> None:

@@ -12,7 +12,8 @@ show context reuse. ``EVENTS`` records loads, disposals and tasks for tests to i
 Register it per test with ``lllms_core.testing.plugin_manager(fake)`` (this module is the
 plugin), or install the ``lllms-fake-engine`` distribution of lllms' tests, which declares
 it as the entry point ``fake``. Model options: ``slots``, ``load_delay``, ``token_delay``
-(seconds per token, slept in the worker thread), ``fail_loads``, ``reply`` and ``chat_template``.
+(seconds per token, slept in the worker thread), ``fail_loads``, ``reply``, ``chat_template``,
+``memory_mib`` and ``dispose_delay``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class FakeOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A chat template, read by the core only for whether the model thinks (``<think>``)."""
     memory_mib: int = 0
     """Memory an instance reports holding (for the pool's memory budget)."""
+    dispose_delay: float = 0.0
+    """Seconds a disposal takes (an event ``("disposed", model)`` marks its end)."""
 
 
 class FakeEngine(Engine):
@@ -110,6 +113,7 @@ class FakeEngine(Engine):
         instance = EngineInstance(slots=options.slots, limiter=trio.CapacityLimiter(options.slots),
                                   memory_bytes=options.memory_mib * 1024 * 1024)
         instance.model_id = model.id
+        instance.dispose_delay = options.dispose_delay
         instance.gpu = device.gpu
         instance.chat_template = options.chat_template
         EVENTS.append(("load", model.id, "gpu" if device.gpu else "cpu"))
@@ -117,6 +121,9 @@ class FakeEngine(Engine):
 
     async def dispose_instance(self, instance):
         EVENTS.append(("dispose", instance.model_id))
+        if instance.dispose_delay:
+            await trio.sleep(instance.dispose_delay)
+            EVENTS.append(("disposed", instance.model_id))
 
     async def preload(self, context):
         model = context.model
