@@ -7,9 +7,10 @@ disposed in a shielded ``finally`` so disposal is certain. A request gets a
 slot only through ``async with pool.acquire(model_id, key) as slot``.
 
 A slot is one sequence of an instance with its own context state. Waiting requests
-are served first come, first served (one dispatch function does it whenever anything
-changes), each taking, in this order: an idle slot whose context is the longest prefix
-of the request's → when the model's prompt cache holds a longer prefix, an idle slot
+that continue a conversation held in an idle slot or saved in the prompt cache, or find
+an empty slot, go first, then the others, first come, first
+served (one dispatch function does it whenever anything changes), each taking, in this
+order: an idle slot whose context is the longest prefix of the request's → when the model's prompt cache holds a longer prefix, an idle slot
 without context or else the least recently used idle slot, reset, for the engine to
 restore that state into → an idle slot without context → a new instance (below
 ``max_instances``, within the memory budget) → the least recently used idle slot,
@@ -406,9 +407,10 @@ class ModelPool:
     # --- dispatch -------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Hand idle slots to waiting requests first come, first served (each takes the best
-        slot the routing order gives it, so a younger follow-up turn never overtakes an older
-        new conversation), and spawn or evict instances as the waiting requests need."""
+        """Hand idle slots to waiting requests, and spawn or evict instances as they need:
+        first, in arrival order, the requests that continue a conversation held in an idle slot
+        or saved in the prompt cache, or find an empty slot; then the others, first come,
+        first served."""
         if self.closed:
             return
         # a loading instance will serve as many requests as the model's last instance had slots
@@ -419,8 +421,18 @@ class ModelPool:
         }
         limit = self.config.server.concurrency
         claims = self._claims()
+        # continuing conversations first: their history is in an idle slot or the prompt cache, so
+        # they cost the least, and the people (or agents) waiting mid-conversation get their turn
+        # soonest; measured with 24 chats on 8 slots, first come, first served made follow-ups wait
+        # 5× longer and the whole crowd take 7% longer (docs/benchmarks.md). A nested request, made
+        # by a task that holds a slot, passes the concurrency limit.
         for waiter in list(self._waiters):
-            # a nested request, made by a task that holds a slot, passes the concurrency limit
+            if limit is not None and self._processing >= limit and not waiter.nested:
+                continue
+            slot = self._matching_slot(waiter, claims)
+            if slot is not None:
+                self._assign(waiter, slot)
+        for waiter in list(self._waiters):
             if limit is not None and self._processing >= limit and not waiter.nested:
                 continue
             model = waiter.model

@@ -445,9 +445,9 @@ async def line_up(server, nursery, run, *named_requests) -> None:
         await wait_until(lambda: server.status()["queued"] == waiting)
 
 
-async def test_an_older_new_conversation_is_served_before_a_younger_follow_up_in_the_prompt_cache():
+async def test_a_follow_up_whose_history_the_prompt_cache_holds_goes_before_an_older_new_conversation():
     # more conversations than slots: both slots busy, a new conversation waits, then a turn
-    # of a conversation whose state is in the prompt cache
+    # of a conversation whose state is in the prompt cache (continuing conversations first)
     async with ModelServer(config(m={"slots": 2, "token_delay": 0.1, "reply": "one two three four five six"})) as server:
         finished = []
 
@@ -462,8 +462,8 @@ async def test_an_older_new_conversation_is_served_before_a_younger_follow_up_in
             nursery.start_soon(run, "long", chat("m", "long"))
             await wait_until(lambda: len(tasks()) == 2)
             await line_up(server, nursery, run, ("new conversation", chat("m", "hello")), ("follow-up", follow_up))
-    # the slot "short" frees goes to the older request; the younger one waits for "long"'s
-    assert finished.index("new conversation") < finished.index("follow-up"), finished
+    # the slot "short" frees goes to the follow-up; the new conversation waits for "long"'s
+    assert finished.index("follow-up") < finished.index("new conversation"), finished
 
 
 async def test_a_new_conversation_leaves_the_slot_a_waiting_follow_up_continues():
@@ -480,11 +480,11 @@ async def test_a_new_conversation_leaves_the_slot_a_waiting_follow_up_continues(
             nursery.start_soon(run, "running", chat("m", "my dog is called Rex"))
             await wait_until(lambda: len(tasks()) == 2)
             await line_up(server, nursery, run, ("new conversation", chat("m", "hello")), ("follow-up", follow_up))
-    assert [name for name, _ in finished] == ["running", "new conversation", "follow-up"], "first come, first served"
-    (_, _, cat_slot, _), (_, _, dog_slot, _), (_, _, new_slot, _), (_, _, follow_up_slot, _) = tasks()
-    assert new_slot == dog_slot, "the new conversation took the slot nobody waits for, not the older one"
+    assert [name for name, _ in finished] == ["running", "follow-up", "new conversation"], "continuations first"
+    (_, _, cat_slot, _), (_, _, dog_slot, _), (_, _, follow_up_slot, _), (_, _, new_slot, _) = tasks()
+    assert new_slot == dog_slot, "the new conversation took the slot nobody continues"
     assert follow_up_slot == cat_slot
-    assert finished[2][1].usage.cached_tokens == len(f"my cat is called Tom {reply}".split()), "its slot kept its context"
+    assert finished[1][1].usage.cached_tokens == len(f"my cat is called Tom {reply}".split()), "its slot kept its context"
 
 
 async def test_a_model_that_needs_room_does_not_dispose_an_instance_a_waiting_request_can_use():
