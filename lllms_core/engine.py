@@ -8,8 +8,11 @@ that can be processed at once; each slot keeps its own context state.
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import msgspec
@@ -148,6 +151,17 @@ class TaskContext(msgspec.Struct, kw_only=True):
         """The decoded image of a source in the request: an ``image_url`` part's URL, an
         embedding input's data URL, an edit's image bytes."""
         return self.images[source]
+
+
+async def import_module(name: str) -> ModuleType:
+    """The module ``name``, imported in a worker thread the first time. An engine's library
+    (torch, transformers, ctranslate2, onnxruntime, a native backend) takes seconds to import;
+    imported from an async method it would stall the event loop, and every request with it.
+    Engines import their heavy modules through this in their async methods."""
+    module = sys.modules.get(name)
+    if module is None:
+        module = await trio.to_thread.run_sync(importlib.import_module, name)
+    return module
 
 
 class ChunkSink:

@@ -72,6 +72,7 @@ from lllms_core.engine import (
     TaskContext,
     check_token_ids,
     cosine_rerank,
+    import_module,
     normalize_embedding,
 )
 from lllms_core.errors import (
@@ -155,7 +156,7 @@ from lllms_core.schemas import (
 from lllms_core.store import ModelStore, source_fields
 from lllms_core.tasks import Feature, Task
 
-API_VERSION = (1, 2)
+API_VERSION = (1, 3)
 """(major, minor) of this module's contract: the minor number grows with each addition."""
 
 __all__ = [
@@ -177,6 +178,7 @@ __all__ = [
     "DeviceConfig",
     "ChatMessageConfig",
     "ModelStore",
+    "import_module",
     # helpers
     "StopStringFilter",
     "normalize_embedding",

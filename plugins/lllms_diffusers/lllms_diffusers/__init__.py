@@ -20,7 +20,7 @@ import msgspec
 import trio
 from msgspec import Meta
 
-from lllms_core.plugin_api import Device, Engine, EngineInstance, ModelLoadError, hookimpl
+from lllms_core.plugin_api import Device, Engine, EngineInstance, ModelLoadError, hookimpl, import_module
 
 
 class DiffusersOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -58,8 +58,7 @@ class DiffusersEngine(Engine):
         return Path(location)
 
     async def create_instance(self, model, prepared, device: Device) -> EngineInstance:
-        from lllms_diffusers.painting import Painter
-
+        Painter = (await import_module("lllms_diffusers.painting")).Painter
         painter = await trio.to_thread.run_sync(Painter.load, model, prepared, device)
         return PainterInstance(slots=1, limiter=trio.CapacityLimiter(1), painter=painter)
 

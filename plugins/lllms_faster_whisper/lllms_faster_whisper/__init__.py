@@ -26,6 +26,7 @@ from lllms_core.plugin_api import (
     EngineInstance,
     cpu_threads,
     hookimpl,
+    import_module,
     log_choices,
     ModelLoadError,
 )
@@ -79,8 +80,7 @@ class FasterWhisperEngine(Engine):
         return location
 
     async def create_instance(self, model, prepared: Path, device: Device) -> EngineInstance:
-        from lllms_faster_whisper.transcriber import Transcriber
-
+        Transcriber = (await import_module("lllms_faster_whisper.transcriber")).Transcriber
         options: FasterWhisperOptions = model.options
         cores = cpu_threads(None)  # the physical cores this process may use
         parallel = (

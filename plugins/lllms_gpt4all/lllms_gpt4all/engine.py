@@ -41,6 +41,7 @@ from lllms_core.plugin_api import (
     cpu_threads,
     default_cache_dir,
     fit_messages,
+    import_module,
     log_choices,
     normalize_embedding,
     tool_format_for,
@@ -268,8 +269,7 @@ class Gpt4AllEngine(Engine):
         return None
 
     async def create_instance(self, model: ModelConfig, prepared: PreparedModel, device: Device) -> Gpt4AllInstance:
-        from lllms_gpt4all.native import NativeModel
-
+        NativeModel = (await import_module("lllms_gpt4all.native")).NativeModel
         options: Gpt4AllOptions = model.options or Gpt4AllOptions()
         threads = cpu_threads(device.cpu_threads)
         log_choices(model.id, {"cpu_threads": threads})

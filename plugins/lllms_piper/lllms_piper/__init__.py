@@ -22,6 +22,7 @@ from lllms_core.plugin_api import (
     EngineInstance,
     hookimpl,
     ModelLoadError,
+    import_module,
     source_fields,
 )
 
@@ -58,8 +59,7 @@ class PiperEngine(Engine):
 
     async def prepare_model(self, model, location: Path | None) -> dict[str, tuple[Path, Path]]:
         """Every voice of the model, by name: its ``.onnx`` and ``.onnx.json``."""
-        from lllms_piper.voices import voice_name
-
+        voice_name = (await import_module("lllms_piper.voices")).voice_name
         own = await self._voice_files(model, model.url, location)
         voices = {voice_name(*own): own}
         for name, source in model.options.voices.items():
@@ -85,8 +85,7 @@ class PiperEngine(Engine):
         return onnx, config
 
     async def create_instance(self, model, prepared, device: Device) -> PiperInstance:
-        from lllms_piper.voices import Speaker
-
+        Speaker = (await import_module("lllms_piper.voices")).Speaker
         options: PiperOptions = model.options
         speaker = await trio.to_thread.run_sync(Speaker.load, prepared, options, device)
         return PiperInstance(slots=options.parallel, limiter=trio.CapacityLimiter(options.parallel), speaker=speaker)

@@ -30,6 +30,7 @@ from lllms_core.plugin_api import (
     ModelLoadError,
     TokenizeResult,
     hookimpl,
+    import_module,
 )
 
 
@@ -111,8 +112,8 @@ class TransformersEngine(Engine):
                                     chat_template=template.source if template is not None else None)
 
     async def save_states(self, instance: EngineInstance, cache, keys) -> None:
-        from lllms_transformers.generation import SlotState
-        from lllms_transformers.states import save_slot
+        SlotState = (await import_module("lllms_transformers.generation")).SlotState
+        save_slot = (await import_module("lllms_transformers.states")).save_slot
 
         def save() -> None:
             for state, key in zip(instance.slot_states, keys):
@@ -137,20 +138,18 @@ class TransformersEngine(Engine):
 
     async def preload(self, context):
         if context.model.task in ("chat-completion", "text-completion"):
-            from lllms_transformers import generation
-
+            generation = await import_module("lllms_transformers.generation")
             await generation.preload(context)
 
     async def chat_completion(self, context, request, sink):
-        from lllms_transformers import generation, vision
-
+        generation = await import_module("lllms_transformers.generation")
+        vision = await import_module("lllms_transformers.vision")
         if isinstance(context.instance.loaded, vision.Captioner):
             return await vision.caption_chat(self, context, request, sink)
         return await generation.chat_completion(self, context, request, sink)
 
     async def text_completion(self, context, request, sink):
-        from lllms_transformers import generation
-
+        generation = await import_module("lllms_transformers.generation")
         return await generation.text_completion(self, context, request, sink)
 
     async def embedding(self, context, request):
