@@ -432,27 +432,25 @@ class ModelPool:
             slot = self._matching_slot(waiter, claims)
             if slot is not None:
                 self._assign(waiter, slot)
+        # then the others, first come, first served (no idle slot matches them: the first pass
+        # only took idle slots away)
         for waiter in list(self._waiters):
             if limit is not None and self._processing >= limit and not waiter.nested:
                 continue
             model = waiter.model
-            slot = self._matching_slot(waiter, claims)
+            loading = next((i for i in self.instances.values() if i.model is model and loading_capacity.get(i.id)), None)
+            if loading is not None:
+                loading_capacity[loading.id] -= 1
+                continue
+            if self._can_spawn(model):
+                if self._prepared(model) and self._memory_allows(model, waiter):
+                    self._spawn(model)  # the waiter takes a slot once it is loaded
+                continue
+            slot = self._least_recently_used_slot(waiter, claims)
             if slot is None:
-                loading = next(
-                    (i for i in self.instances.values() if i.model is model and loading_capacity.get(i.id)), None
-                )
-                if loading is not None:
-                    loading_capacity[loading.id] -= 1
-                    continue
-                if self._can_spawn(model):
-                    if self._prepared(model) and self._memory_allows(model, waiter):
-                        self._spawn(model)  # the waiter takes a slot once it is loaded
-                    continue
-                slot = self._least_recently_used_slot(waiter, claims)
-                if slot is None:
-                    self._make_room_on_gpu(model)
-                    continue
-                slot.reset()
+                self._make_room_on_gpu(model)
+                continue
+            slot.reset()
             self._assign(waiter, slot)
 
     def _assign(self, waiter: _Waiter, slot: Slot) -> None:
