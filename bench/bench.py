@@ -4,6 +4,10 @@ Prints one JSON document with:
   single        tokens/s of one stream at a time
   concurrent    aggregate tokens/s of 8 and of 16 simultaneous streams, and how
                 many of them came back empty or failed
+  plain         aggregate tokens/s of as many simultaneous requests without
+                streaming (one answer each): the same work as "concurrent"
+                without a chunk per token, so the two together show what
+                streaming costs a server (not among the default figures)
   growing_chat  time to first token of each turn of one 6-turn conversation
                 (every turn resends the whole history plus a new question)
   conversations mean time to first token of the follow-up turns when 8 such
@@ -184,6 +188,33 @@ class Bench:
             "errors": sum(bool(r["error"]) for r in results),
             "token_source": token_source(results),
             "first_error": first_error(results),
+        }
+
+    async def plain_chat(self, messages, max_tokens):
+        """One chat completion without streaming: its completion tokens, or the error."""
+        try:
+            answer = await self.client.chat.completions.create(
+                model=self.args.model, messages=messages, max_tokens=max_tokens, temperature=self.args.temperature
+            )
+            return {"tokens": answer.usage.completion_tokens if answer.usage else 0, "error": None}
+        except Exception as exc:  # a server error is a figure, not a crash
+            return {"tokens": 0, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    async def concurrent_plain(self, n):
+        max_tokens = self.args.max_tokens
+        prompts = [[{"role": "user", "content": fresh_prompt(self.rng)}] for _ in range(n)]
+        start = time.perf_counter()
+        results = await asyncio.gather(*(self.plain_chat(m, max_tokens) for m in prompts))
+        wall = time.perf_counter() - start
+        tokens = sum(r["tokens"] for r in results if not r["error"])
+        return {
+            "requests": n,
+            "max_tokens": max_tokens,
+            "tokens": tokens,
+            "wall_s": round(wall, 3),
+            "aggregate_tokens_per_s": round(tokens / wall, 2),
+            "errors": sum(bool(r["error"]) for r in results),
+            "first_error": next((r["error"] for r in results if r["error"]), None),
         }
 
     async def conversation(self, turns):
@@ -433,6 +464,10 @@ async def main(args):
             report["concurrent"] = {}
             for n in args.concurrency:
                 report["concurrent"][str(n)] = await measure(f"concurrent {n}", bench.concurrent_streams(n))
+        if "plain" in figures:
+            report["plain"] = {}
+            for n in args.concurrency:
+                report["plain"][str(n)] = await measure(f"plain {n}", bench.concurrent_plain(n))
         if "growing_chat" in figures:
             report["growing_chat"] = await measure("growing chat", bench.growing_chat())
         if "conversations" in figures:
@@ -466,7 +501,8 @@ def parse_args(argv=None):
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--think-time", type=float, default=0, metavar="SECONDS",
                    help="pause a random 0 to SECONDS between a conversation's turns (default: none)")
-    p.add_argument("--figures", default=",".join(FIGURES), help=f"comma-separated subset of {','.join(FIGURES)}")
+    p.add_argument("--figures", default=",".join(FIGURES),
+                   help=f"comma-separated subset of {','.join(FIGURES + ('plain',))} (default: {','.join(FIGURES)})")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                    help="before each figure, wait up to SECONDS for other processes to go quiet")

@@ -229,7 +229,8 @@ class Engine:
 
     def gpu_available(self) -> bool:
         """Whether this engine can use a GPU on this machine; ``device.gpu = "auto"`` models take
-        the GPU only then. Called when an instance is spawned, so it may import the engine's library."""
+        the GPU only then. Called once, in a worker thread, when the pool starts, so it may
+        import the engine's library."""
         return False
 
     def check_model(self, model: "ModelConfig", config: "Config") -> None:

@@ -242,6 +242,9 @@ class ModelPool:
         """Whether the C heap's free memory went back to the system since the last request
         ended, to admit a model before it is refused."""
         self._preparing: set[str] = set()
+        self._gpu_usable: dict[str, bool] = {}
+        """Whether each engine can use a GPU here, asked once (in a worker thread: the engine
+        may import its library to tell) before the pool starts."""
         self.closed = False
         budget = config.server.memory_budget_mib
         self.memory_budget = budget * MIB if budget is not None else this_machine().memory_budget()
@@ -318,6 +321,17 @@ class ModelPool:
         return [slot.context_key for instance in self.instances.values() for slot in instance.slots if slot.context_key]
 
     # --- start and stop -------------------------------------------------------
+
+    async def _probe_gpus(self) -> None:
+        """Ask each engine that a ``device.gpu = "auto"`` model uses whether it can use a GPU
+        here, in a worker thread: the answer may take importing the engine's library."""
+        for name in sorted({model.engine for model in self.config.models.values() if model.device.gpu == "auto"}):
+            engine = self.engines[name]
+            try:
+                self._gpu_usable[name] = bool(await trio.to_thread.run_sync(engine.gpu_available))
+            except Exception as error:  # a broken GPU driver must not stop the server: run on the CPU
+                log.warning("engine %s could not tell whether a GPU is usable (%s): using the CPU", name, error)
+                self._gpu_usable[name] = False
 
     def _start(self) -> None:
         # a model that must have the GPU starts first, so that it gets it
@@ -771,7 +785,7 @@ class ModelPool:
     def _device(self, model: ModelConfig, engine: Engine) -> Device:
         """Where a new instance of ``model`` would run now."""
         use_gpu = model.device.requires_gpu or (
-            model.device.gpu == "auto" and self._gpu_holder is None and engine.gpu_available()
+            model.device.gpu == "auto" and self._gpu_holder is None and self._gpu_usable.get(model.engine, False)
         )
         return Device(
             gpu=use_gpu,
@@ -941,6 +955,7 @@ async def open_model_pool(config: Config, engines: dict[str, Engine], store) -> 
     """Run a pool: its instances live while the block runs and are disposed when it ends."""
     async with trio.open_nursery() as nursery:
         pool = ModelPool(config, engines, store, nursery)
+        await pool._probe_gpus()
         pool._start()
         try:
             yield pool

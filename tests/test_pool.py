@@ -510,3 +510,27 @@ async def test_a_model_that_needs_room_does_not_dispose_an_instance_a_waiting_re
         loads_and_disposals = [event[:2] for event in EVENTS if event[0] in ("load", "dispose")]
     assert {model: answer.choices[0].text for model, answer in answers.items()} == {"a": "ok", "b": "a b c d e f", "c": "ok"}
     assert loads_and_disposals == [("dispose", "b"), ("load", "c")], "b, which nobody waited for, went; a stayed"
+
+
+async def test_gpu_detection_runs_once_per_engine_off_the_event_loop(monkeypatch):
+    import threading
+
+    from lllms_core.testing.fake import FakeEngine
+
+    asked = []
+
+    def slow_gpu_available(self):
+        asked.append(threading.current_thread() is threading.main_thread())
+        import time
+
+        time.sleep(0.3)  # an engine importing its library to tell
+        return True
+
+    monkeypatch.setattr(FakeEngine, "gpu_available", slow_gpu_available)
+    models = config(a={"device": {"gpu": "auto"}, "reply": "ok"}, b={"device": {"gpu": "auto"}, "reply": "ok"})
+    async with ModelServer(models) as server:
+        await server.chat_completion(chat("a", "hi"))
+        await server.chat_completion(chat("b", "hi"))
+        devices = {i["model"]: i["device"] for i in server.status()["instances"]}
+    assert asked == [False], "asked once, for the one engine both models use, not on the event loop's thread"
+    assert "gpu" in devices.values(), "a model with gpu = 'auto' takes the GPU the engine reported"
