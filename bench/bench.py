@@ -169,25 +169,32 @@ class Bench:
             "first_error": first_error(results),
         }
 
-    async def concurrent_streams(self, n):
+    async def at_once(self, n, request):
+        """``n`` fresh prompts sent at once through ``request``; their results and the aggregate."""
         max_tokens = self.args.max_tokens
         prompts = [[{"role": "user", "content": fresh_prompt(self.rng)}] for _ in range(n)]
         start = time.perf_counter()
-        results = await asyncio.gather(*(self.stream_chat(m, max_tokens) for m in prompts))
+        results = await asyncio.gather(*(request(m, max_tokens) for m in prompts))
         wall = time.perf_counter() - start
         tokens = sum(r["tokens"] for r in results if not r["error"])
-        return {
-            "streams": n,
+        return results, {
             "max_tokens": max_tokens,
             "tokens": tokens,
             "wall_s": round(wall, 3),
             "aggregate_tokens_per_s": round(tokens / wall, 2),
+            "errors": sum(bool(r["error"]) for r in results),
+            "first_error": first_error(results),
+        }
+
+    async def concurrent_streams(self, n):
+        results, figure = await self.at_once(n, self.stream_chat)
+        return {
+            "streams": n,
+            **figure,
             "mean_ttft_s": mean_or_none([r["ttft_s"] for r in results]),
             "max_ttft_s": max_or_none([r["ttft_s"] for r in results]),
             "empty": sum(r["empty"] and not r["error"] for r in results),
-            "errors": sum(bool(r["error"]) for r in results),
             "token_source": token_source(results),
-            "first_error": first_error(results),
         }
 
     async def plain_chat(self, messages, max_tokens):
@@ -201,21 +208,8 @@ class Bench:
             return {"tokens": 0, "error": f"{type(exc).__name__}: {exc}"[:300]}
 
     async def concurrent_plain(self, n):
-        max_tokens = self.args.max_tokens
-        prompts = [[{"role": "user", "content": fresh_prompt(self.rng)}] for _ in range(n)]
-        start = time.perf_counter()
-        results = await asyncio.gather(*(self.plain_chat(m, max_tokens) for m in prompts))
-        wall = time.perf_counter() - start
-        tokens = sum(r["tokens"] for r in results if not r["error"])
-        return {
-            "requests": n,
-            "max_tokens": max_tokens,
-            "tokens": tokens,
-            "wall_s": round(wall, 3),
-            "aggregate_tokens_per_s": round(tokens / wall, 2),
-            "errors": sum(bool(r["error"]) for r in results),
-            "first_error": next((r["error"] for r in results if r["error"]), None),
-        }
+        _, figure = await self.at_once(n, self.plain_chat)
+        return {"requests": n, **figure}
 
     async def conversation(self, turns):
         """One growing chat: each turn resends the history with the last answer and a new question."""
