@@ -259,6 +259,7 @@ class Bench:
             "tokens": sum(r["tokens"] for r in flat if not r["error"]),
             "aggregate_tokens_per_s": round(sum(r["tokens"] for r in flat if not r["error"]) / wall, 2),
             "mean_first_turn_ttft_s": mean_or_none(first_turns),
+            "max_first_turn_ttft_s": max_or_none(first_turns),
             # Only turns that produced a token have a TTFT; the count says how
             # many the mean is over (a server that drops streams has fewer).
             "mean_follow_up_ttft_s": mean_or_none(follow_ups),

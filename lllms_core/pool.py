@@ -55,6 +55,12 @@ RETRY_MIN_INSTANCES_AFTER = (1.0, 60.0)
 PROMPT_CACHE_MAX_MIB = 8192
 """The default RAM tier of a model's prompt cache is an eighth of the budget, at most this (llama-server's default)."""
 GENERATION_TASKS = ("chat-completion", "text-completion")
+OVERDUE_AFTER_S = 120.0
+"""A request that has waited this long is served in its arrival order, before the
+conversations that continue but came after it: continuing conversations first must not
+starve a new one when they never stop coming (agents in loops). Short bounds turn a crowd's
+dispatch into first come, first served: measured with 24 chats × 4 turns on 8 slots, 10 s
+made follow-ups wait 33.7 s against 7–8 s (docs/benchmarks.md)."""
 
 
 class Slot:
@@ -165,11 +171,12 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 class _Waiter:
-    __slots__ = ("model", "key", "nested", "event", "slot", "error", "finished")
+    __slots__ = ("model", "key", "nested", "since", "event", "slot", "error", "finished")
 
     def __init__(self, model: ModelConfig, key: ContextKey, nested: bool = False):
         self.model = model
         self.key = key
+        self.since = trio.current_time()
         self.nested = nested
         """Made by a task that holds a slot already (a composed engine): it is part of that
         request, which passed the concurrency gate and the queue limit."""
@@ -423,8 +430,8 @@ class ModelPool:
     def _dispatch(self) -> None:
         """Hand idle slots to waiting requests, and spawn or evict instances as they need:
         first, in arrival order, the requests that continue a conversation held in an idle slot
-        or saved in the prompt cache, or find an empty slot; then the others, first come,
-        first served."""
+        or saved in the prompt cache, or find an empty slot, and those that have waited
+        ``OVERDUE_AFTER_S``; then the others, first come, first served."""
         if self.closed:
             return
         # a loading instance will serve as many requests as the model's last instance had slots
@@ -435,37 +442,48 @@ class ModelPool:
         }
         limit = self.config.server.concurrency
         claims = self._claims()
+        overdue_since = trio.current_time() - OVERDUE_AFTER_S
+        served: set[_Waiter] = set()
         # continuing conversations first: their history is in an idle slot or the prompt cache, so
         # they cost the least, and the people (or agents) waiting mid-conversation get their turn
         # soonest; measured with 24 chats on 8 slots, first come, first served made follow-ups wait
-        # 5× longer and the whole crowd take 7% longer (docs/benchmarks.md). A nested request, made
-        # by a task that holds a slot, passes the concurrency limit.
+        # 5× longer and the whole crowd take 7% longer (docs/benchmarks.md). A request that has
+        # waited OVERDUE_AFTER_S keeps its arrival order among them, so new conversations are not
+        # starved. A nested request, made by a task that holds a slot, passes the concurrency limit.
         for waiter in list(self._waiters):
             if limit is not None and self._processing >= limit and not waiter.nested:
                 continue
             slot = self._matching_slot(waiter, claims)
             if slot is not None:
                 self._assign(waiter, slot)
+            elif waiter.since <= overdue_since:
+                served.add(waiter)
+                self._serve_in_turn(waiter, claims, loading_capacity)
         # then the others, first come, first served (no idle slot matches them: the first pass
         # only took idle slots away)
         for waiter in list(self._waiters):
-            if limit is not None and self._processing >= limit and not waiter.nested:
+            if waiter in served or (limit is not None and self._processing >= limit and not waiter.nested):
                 continue
-            model = waiter.model
-            loading = next((i for i in self.instances.values() if i.model is model and loading_capacity.get(i.id)), None)
-            if loading is not None:
-                loading_capacity[loading.id] -= 1
-                continue
-            if self._can_spawn(model):
-                if self._prepared(model) and self._memory_allows(model, waiter):
-                    self._spawn(model)  # the waiter takes a slot once it is loaded
-                continue
-            slot = self._least_recently_used_slot(waiter, claims)
-            if slot is None:
-                self._make_room_on_gpu(model)
-                continue
-            slot.reset()
-            self._assign(waiter, slot)
+            self._serve_in_turn(waiter, claims, loading_capacity)
+
+    def _serve_in_turn(self, waiter: _Waiter, claims: dict[Slot, _Waiter], loading_capacity: dict[str, int]) -> None:
+        """Give a waiter no idle slot matches the least recently used idle slot, or an instance
+        to come (one loading, or a new one), or the GPU it must have."""
+        model = waiter.model
+        loading = next((i for i in self.instances.values() if i.model is model and loading_capacity.get(i.id)), None)
+        if loading is not None:
+            loading_capacity[loading.id] -= 1
+            return
+        if self._can_spawn(model):
+            if self._prepared(model) and self._memory_allows(model, waiter):
+                self._spawn(model)  # the waiter takes a slot once it is loaded
+            return
+        slot = self._least_recently_used_slot(waiter, claims)
+        if slot is None:
+            self._make_room_on_gpu(model)
+            return
+        slot.reset()
+        self._assign(waiter, slot)
 
     def _assign(self, waiter: _Waiter, slot: Slot) -> None:
         if not slot.fresh:
