@@ -445,9 +445,10 @@ async def line_up(server, nursery, run, *named_requests) -> None:
         await wait_until(lambda: server.status()["queued"] == waiting)
 
 
-async def test_a_follow_up_whose_history_the_prompt_cache_holds_goes_before_an_older_new_conversation():
-    # more conversations than slots: both slots busy, a new conversation waits, then a turn
-    # of a conversation whose state is in the prompt cache (continuing conversations first)
+async def new_conversation_then_follow_up() -> list[str]:
+    """Both slots busy, a new conversation waits, then a turn of a conversation whose state is
+    in the prompt cache; the order in which all four requests finished. The slot "short" frees
+    (after 0.3 s) goes to the first of the two waiting, the other waits for "long"'s."""
     async with ModelServer(config(m={"slots": 2, "token_delay": 0.1, "reply": "one two three four five six"})) as server:
         finished = []
 
@@ -462,30 +463,20 @@ async def test_a_follow_up_whose_history_the_prompt_cache_holds_goes_before_an_o
             nursery.start_soon(run, "long", chat("m", "long"))
             await wait_until(lambda: len(tasks()) == 2)
             await line_up(server, nursery, run, ("new conversation", chat("m", "hello")), ("follow-up", follow_up))
-    # the slot "short" frees goes to the follow-up; the new conversation waits for "long"'s
-    assert finished.index("follow-up") < finished.index("new conversation"), finished
+    return finished
+
+
+async def test_a_follow_up_whose_history_the_prompt_cache_holds_goes_before_an_older_new_conversation():
+    finished = await new_conversation_then_follow_up()
+    assert finished.index("follow-up") < finished.index("new conversation"), "continuing conversations first"
 
 
 async def test_a_new_conversation_that_waited_too_long_goes_before_a_later_follow_up(monkeypatch):
     # continuing conversations first must not starve new ones: once a request has waited
     # OVERDUE_AFTER_S, it keeps its arrival order
     monkeypatch.setattr("lllms_core.pool.OVERDUE_AFTER_S", 0.1)
-    async with ModelServer(config(m={"slots": 2, "token_delay": 0.1, "reply": "one two three four five six"})) as server:
-        finished = []
-
-        async def run(name, request):
-            await server.chat_completion(request)
-            finished.append(name)
-
-        follow_up = chat("m", "cherries", "one two three four five six", "and then?")
-        save_state_of(server, follow_up)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "short", chat("m", "short", max_tokens=3))
-            nursery.start_soon(run, "long", chat("m", "long"))
-            await wait_until(lambda: len(tasks()) == 2)
-            await line_up(server, nursery, run, ("new conversation", chat("m", "hello")), ("follow-up", follow_up))
-    # the new conversation had waited 0.3 s when "short" freed its slot: it takes it
-    assert finished.index("new conversation") < finished.index("follow-up"), finished
+    finished = await new_conversation_then_follow_up()
+    assert finished.index("new conversation") < finished.index("follow-up"), "it had waited 0.3 s when a slot freed"
 
 
 async def test_a_new_conversation_leaves_the_slot_a_waiting_follow_up_continues():
