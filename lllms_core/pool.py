@@ -8,9 +8,10 @@ slot only through ``async with pool.acquire(model_id, key) as slot``.
 
 A slot is one sequence of an instance with its own context state. Waiting requests
 that continue a conversation held in an idle slot or saved in the prompt cache, or find
-an empty slot, go first, then the others, first come, first
-served (one dispatch function does it whenever anything changes), each taking, in this
-order: an idle slot whose context is the longest prefix of the request's → when the model's prompt cache holds a longer prefix, an idle slot
+an empty slot, go first, and so do those that have waited ``OVERDUE_AFTER_S``; then the
+others, first come, first served (one dispatch function does it whenever anything
+changes). Each takes, in this order: an idle slot whose context is the longest prefix of
+the request's → when the model's prompt cache holds a longer prefix, an idle slot
 without context or else the least recently used idle slot, reset, for the engine to
 restore that state into → an idle slot without context → a new instance (below
 ``max_instances``, within the memory budget) → the least recently used idle slot,
@@ -443,7 +444,6 @@ class ModelPool:
         limit = self.config.server.concurrency
         claims = self._claims()
         overdue_since = trio.current_time() - OVERDUE_AFTER_S
-        served: set[_Waiter] = set()
         # continuing conversations first: their history is in an idle slot or the prompt cache, so
         # they cost the least, and the people (or agents) waiting mid-conversation get their turn
         # soonest; measured with 24 chats on 8 slots, first come, first served made follow-ups wait
@@ -457,12 +457,11 @@ class ModelPool:
             if slot is not None:
                 self._assign(waiter, slot)
             elif waiter.since <= overdue_since:
-                served.add(waiter)
                 self._serve_in_turn(waiter, claims, loading_capacity)
         # then the others, first come, first served (no idle slot matches them: the first pass
-        # only took idle slots away)
+        # only took idle slots away, and served the overdue ones it could)
         for waiter in list(self._waiters):
-            if waiter in served or (limit is not None and self._processing >= limit and not waiter.nested):
+            if waiter.since <= overdue_since or (limit is not None and self._processing >= limit and not waiter.nested):
                 continue
             self._serve_in_turn(waiter, claims, loading_capacity)
 
