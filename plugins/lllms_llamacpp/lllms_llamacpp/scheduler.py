@@ -386,13 +386,8 @@ class Scheduler:
             self._evaluate_media()
         context = self.context
         context.clear_batch()
-        outputs: list[tuple[Job, int]] = []
-        chunks: list[tuple[Job, list[int]]] = []
         generating = [job for job in self.active if job.prompt_done and job.next_token is not None]
-        for job in generating:
-            state = self.sequences[job.seq]
-            outputs.append((job, context.add(job.next_token, len(state.tokens), job.seq, True)))
-            chunks.append((job, [job.next_token]))
+        chunks: list[tuple[Job, list[int]]] = [(job, [job.next_token]) for job in generating]
         budget = context.n_batch - len(generating)
         if generating:
             budget = min(budget, self.prompt_chunk)
@@ -405,17 +400,22 @@ class Scheduler:
             text_left = min((position - start for position in job.media if position > start), default=len(job.pending))
             chunk = job.pending[: min(budget, text_left)]
             budget -= len(chunk)
-            completes = len(chunk) == len(job.pending)
-            for offset, token in enumerate(chunk):
-                last = completes and offset == len(chunk) - 1 and not job.evaluate_only
-                index = context.add(token, start + offset, job.seq, last)
-            if completes and not job.evaluate_only:
-                outputs.append((job, index))
             chunks.append((job, chunk))
         for job in [job for job in self.active if job.prompt_done and job.evaluate_only]:
             self._finish(job, "stop")
         if not chunks:
             return
+        # over a KV cache per sequence, llama.cpp computes a batch in one pass only for runs of
+        # consecutive sequence ids in batch order (one pass each otherwise): sequences in order
+        chunks.sort(key=lambda item: item[0].seq)
+        outputs: list[tuple[Job, int]] = []
+        for job, chunk in chunks:
+            start = len(self.sequences[job.seq].tokens)
+            logits = job.prompt_done or (len(chunk) == len(job.pending) and not job.evaluate_only)
+            for offset, token in enumerate(chunk):
+                index = context.add(token, start + offset, job.seq, logits and offset == len(chunk) - 1)
+            if logits:
+                outputs.append((job, index))
         status = context.decode()
         if status == 1 and self._evict_idle():
             status = context.decode()

@@ -182,6 +182,32 @@ async def test_eight_concurrent_requests_each_get_their_own_answer(smol):
         assert sequence["kv_bytes"] == sequence["tokens"] * info["kv_bytes_per_token"]
 
 
+async def test_a_step_batches_its_sequences_in_order_whatever_order_they_came_in(smol, monkeypatch):
+    """Over a KV cache per sequence, llama.cpp computes a batch in one pass only where its
+    sequence ids run in order (a pass per run otherwise: measured 28% slower for 8 sequences
+    in shuffled order), so requests that arrive in any order still take one pass a step."""
+    context = smol.instance.context
+    assert not context.settings.kv_unified
+    batches: list[list[int]] = []
+    decode = context.decode
+
+    def recording_decode() -> int:
+        batch = context.batch
+        batches.append([batch.seq_id[index][0] for index in range(batch.n_tokens)])
+        return decode()
+
+    monkeypatch.setattr(context, "decode", recording_decode)
+    async with trio.open_nursery() as nursery:
+        for slot in (6, 1, 7, 3, 0, 5, 2, 4):
+            nursery.start_soon(lambda slot=slot: smol.chat(slot=slot, messages=[UserMessage(content=f"Count to {slot + 5}.")],
+                                                          max_tokens=24))
+            await trio.sleep(0.05)
+    together = [batch for batch in batches if len(set(batch)) >= 4]
+    assert together, batches
+    for batch in batches:
+        assert batch == sorted(batch), batch
+
+
 async def test_choices_outgrowing_the_kv_cells_end_with_length(strict):
     # one sequence of 256 cells, three choices each allowed to fill it: the cells run out
     prompt = "Write a very long story about a dragon: "
