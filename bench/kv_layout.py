@@ -8,6 +8,10 @@ workloads of the prompt-cache benchmarks:
   conversations  N concurrent chats of T turns on as many slots: mean follow-up TTFT, wall time
   crowd          3N concurrent chats of T turns on N slots (conversations outnumber slots, the
                  prompt cache swaps them): mean follow-up TTFT, wall time
+  batch order    (--batch-order, a cache per sequence) the decode rate of the N sequences
+                 holding 512 tokens when the batch lists them in id order, shuffled, reversed,
+                 and of N-1, N/2 and 2 of them with and without idle ones between them:
+                 llama.cpp computes a batch in one pass only for runs of consecutive ids
 
 The layouts take turns (A, B, A, B...) so that a burst of load on the shared machine does not
 fall on one only; each figure records the cores other processes used meanwhile.
@@ -25,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -137,39 +142,74 @@ async def wait_quiet(cpu: CpuMeter, seconds: float) -> None:
             return
 
 
-def held_decode(args, unified: bool) -> dict:
-    """Tokens/s of N sequences decoding together (one token each per step) while each holds
-    ``held`` tokens, straight on the engine's llama context (no scheduler, no server)."""
+@contextmanager
+def holding(args, unified: bool, held: int):
+    """The engine's llama context (no scheduler, no server) with N sequences holding ``held``
+    tokens each."""
     from lllms_core.config import ModelConfig
     from lllms_core.engine import Device
     from lllms_llamacpp.engine import LlamaCppOptions, load_instance
 
     from continuation import gguf_path
 
+    config = ModelConfig(id="smollm2", engine="llamacpp", task="chat-completion", context_size=2048,
+                         options=LlamaCppOptions(parallel=args.parallel, kv_unified=unified))
+    instance = load_instance(config, gguf_path(), Device(gpu=False, cpu_threads=args.threads))
+    instance.scheduler.stop()  # this thread drives the context
+    context = instance.context
+    try:
+        for seq in range(args.parallel):
+            for start in range(0, held, 512):
+                context.clear_batch()
+                for offset in range(min(512, held - start)):
+                    context.add(1 + (offset + seq) % 500, start + offset, seq, False)
+                assert context.decode() == 0
+        yield context
+    finally:
+        instance.close()
+
+
+def decode_steps(context, order: list[int], positions: list[int], steps: int = 24) -> float:
+    """Tokens/s of ``steps`` steps decoding the next token of the sequences in ``order``."""
+    began = time.perf_counter()
+    for _ in range(steps):
+        context.clear_batch()
+        for seq in order:
+            context.add(7, positions[seq], seq, True)
+            positions[seq] += 1
+        assert context.decode() == 0
+    return len(order) * steps / (time.perf_counter() - began)
+
+
+def held_decode(args, unified: bool) -> dict:
+    """Tokens/s of N sequences decoding together (one token each per step) while each holds
+    ``held`` tokens."""
     rates = {}
     for held in (0, 512, 1536):
-        config = ModelConfig(id="smollm2", engine="llamacpp", task="chat-completion", context_size=2048,
-                             options=LlamaCppOptions(parallel=args.parallel, kv_unified=unified))
-        instance = load_instance(config, gguf_path(), Device(gpu=False, cpu_threads=args.threads))
-        instance.scheduler.stop()  # this thread drives the context
-        context = instance.context
-        try:
-            for seq in range(args.parallel):
-                for start in range(0, held, 512):
-                    context.clear_batch()
-                    for offset in range(min(512, held - start)):
-                        context.add(1 + (offset + seq) % 500, start + offset, seq, False)
-                    assert context.decode() == 0
-            began, steps = time.perf_counter(), 32
-            for step in range(steps):
-                context.clear_batch()
-                for seq in range(args.parallel):
-                    context.add(7, held + step, seq, True)
-                assert context.decode() == 0
-            rates[str(held)] = round(args.parallel * steps / (time.perf_counter() - began), 1)
-        finally:
-            instance.close()
+        with holding(args, unified, held) as context:
+            rates[str(held)] = round(decode_steps(context, list(range(args.parallel)), [held] * args.parallel, 32), 1)
     return {"tokens_per_s_by_held_context": rates}
+
+
+def batch_order(args) -> dict:
+    """Tokens/s of the sequences (each holding 512 tokens, a KV cache each) decoding together,
+    by the order the batch lists them in."""
+    n, held = args.parallel, 512
+    ordered = list(range(n))
+    shuffled = ordered[:]
+    random.Random(1).shuffle(shuffled)
+    orders = {"in order": ordered, "shuffled": shuffled, "reversed": ordered[::-1],
+              f"{n - 1} with an idle one between": [seq for seq in ordered if seq != n // 2],
+              f"{n - 1} contiguous": ordered[:-1],
+              f"{n // 2} every other one": ordered[1::2], f"{n // 2} contiguous": ordered[: n // 2],
+              "2 apart": [1, n - 2], "2 contiguous": [0, 1]}  # fmt: skip
+    rates: dict[str, list[float]] = {name: [] for name in orders}
+    with holding(args, False, held) as context:
+        positions = [held] * n
+        for _ in range(3):  # the orders take turns
+            for name, order in orders.items():
+                rates[name].append(decode_steps(context, order, positions))
+    return {"held": held, "tokens_per_s_by_order": {name: round(statistics.median(r), 1) for name, r in rates.items()}}
 
 
 async def main(args) -> None:
@@ -182,6 +222,14 @@ async def main(args) -> None:
         "runs": [],
     }  # fmt: skip
     cpu = CpuMeter(os.getpid())
+    if args.batch_order:
+        if args.wait_quiet:
+            await wait_quiet(cpu, args.wait_quiet)
+        before = cpu.snapshot()
+        report["batch_order"] = await trio.to_thread.run_sync(batch_order, args)
+        report["batch_order"]["other_processes_cores"] = cpu.others_cores(before)
+        print(json.dumps(report, indent=2))
+        return
     for _ in range(args.repeats):
         for unified in (True, False):
             if args.wait_quiet:
@@ -207,6 +255,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS")
     p.add_argument("--held-only", action="store_true", help="only the decode rate with held context")
+    p.add_argument("--batch-order", action="store_true", help="only the decode rate by batch order (a cache per sequence)")
     return p.parse_args(argv)
 
 

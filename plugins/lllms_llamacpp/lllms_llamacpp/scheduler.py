@@ -1,8 +1,9 @@
 """Continuous batching: one thread per instance decodes all its sequences together.
 
 Each step builds one llama batch holding the next token of every generating
-sequence and chunks of the prompts still to evaluate, decodes it once, then
-samples every sequence that needs a token with its own native sampler chain.
+sequence and chunks of the prompts still to evaluate, in sequence order (see
+:meth:`Scheduler._step`), decodes it once, then samples every sequence that needs a
+token with its own native sampler chain.
 Requests join and leave between steps. The scheduler owns the llama context: no
 other thread touches it.
 
