@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import trio
 
 from lllms_core.errors import ModelLoadError, QueueFullError, RequestTimeoutError
-from lllms_core.server import ModelServer
 from lllms_core.machine import MIB
-from lllms_core.testing.fake import EVENTS
+from lllms_core.server import ModelServer
+from lllms_core.testing.fake import EVENTS, FakeEngine
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -526,16 +529,10 @@ async def test_a_model_that_needs_room_does_not_dispose_an_instance_a_waiting_re
 
 
 async def test_gpu_detection_runs_once_per_engine_off_the_event_loop(monkeypatch):
-    import threading
-
-    from lllms_core.testing.fake import FakeEngine
-
     asked = []
 
     def slow_gpu_available(self):
         asked.append(threading.current_thread() is threading.main_thread())
-        import time
-
         time.sleep(0.3)  # an engine importing its library to tell
         return True
 
