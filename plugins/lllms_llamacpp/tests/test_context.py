@@ -59,6 +59,21 @@ async def test_a_shared_system_prompt_is_copied_from_another_sequence(smol):
     assert second.usage.cached_tokens > 100
 
 
+@pytest.mark.parametrize("repeats", [4, 36])
+async def test_a_prefix_copied_from_another_sequence_continues_as_the_one_holding_it_would(smol, repeats):
+    """A sequence using under a quarter of its cells is copied through its saved state, a
+    fuller one as a whole cache (4 and 36 repeats: about 80 and 390 of 512 tokens); either way
+    the copy answers as the sequence it came from does when asked again."""
+    messages = [SystemMessage(content=f"You answer in French, briefly ({repeats}). " * repeats),
+                UserMessage(content="Name a fruit.")]
+    _, _, first = await smol.chat(slot=5, messages=messages)
+    held, _, again = await smol.chat(slot=5, messages=messages)
+    copied, _, other = await smol.chat(slot=6, messages=messages)
+    assert first.usage.cached_tokens < 20  # at most the template's opening, held elsewhere
+    assert again.usage.cached_tokens == other.usage.cached_tokens == first.usage.prompt_tokens - 1
+    assert copied == held, first.usage.prompt_tokens
+
+
 async def test_preload_evaluates_initial_messages_into_the_slot(smol, model_config):
     config = model_config(parallel=8)
     config.initial_messages = [ChatMessageConfig(role="system", content="You are a librarian who loves old maps. " * 5)]
