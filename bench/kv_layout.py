@@ -12,6 +12,10 @@ workloads of the prompt-cache benchmarks:
                  holding 512 tokens when the batch lists them in id order, shuffled, reversed,
                  and of N-1, N/2 and 2 of them with and without idle ones between them:
                  llama.cpp computes a batch in one pass only for runs of consecutive ids
+  prefix copy    (--prefix-copy, a cache per sequence of --context cells) what copying a
+                 sequence holding H tokens to another one costs, on top of the next decode:
+                 as a whole cache (llama.cpp's `llama_memory_seq_cp`), through the sequence's
+                 saved state, and the way the engine chooses
 
 The layouts take turns (A, B, A, B...) so that a burst of load on the shared machine does not
 fall on one only; each figure records the cores other processes used meanwhile.
@@ -152,7 +156,7 @@ def holding(args, unified: bool, held: int):
 
     from continuation import gguf_path
 
-    config = ModelConfig(id="smollm2", engine="llamacpp", task="chat-completion", context_size=2048,
+    config = ModelConfig(id="smollm2", engine="llamacpp", task="chat-completion", context_size=args.context,
                          options=LlamaCppOptions(parallel=args.parallel, kv_unified=unified))
     instance = load_instance(config, gguf_path(), Device(gpu=False, cpu_threads=args.threads))
     instance.scheduler.stop()  # this thread drives the context
@@ -212,6 +216,46 @@ def batch_order(args) -> dict:
     return {"held": held, "tokens_per_s_by_order": {name: round(statistics.median(r), 1) for name, r in rates.items()}}
 
 
+def prefix_copy(args) -> dict:
+    """Milliseconds that copying sequence 0, holding H tokens, into sequence 1 adds to the next
+    decode of one token there (llama.cpp applies a copy at the next decode), median of 10."""
+    import llama_cpp
+
+    def whole(context, held):
+        context.remove(1)
+        llama_cpp.llama_memory_seq_cp(context.memory, 0, 1, -1, -1)
+        context.remove(1, held)
+
+    def state(context, held):
+        assert context.restore_state(1, context.save_state(0))
+        context.remove(1, held)
+
+    ways = {"none": None, "whole cache": whole, "saved state": state,
+            "engine's choice": lambda context, held: context.copy(0, 1, held)}  # fmt: skip
+    report = {}
+    with holding(args, False, 0) as context:
+        for held in (75, 300, args.context // 4, args.context * 3 // 8, args.context // 2 + 100):
+            context.remove(0)
+            for start in range(0, held, 512):
+                context.clear_batch()
+                for offset in range(min(512, held - start)):
+                    context.add(1 + offset % 500, start + offset, 0, False)
+                assert context.decode() == 0
+            times: dict[str, list[float]] = {name: [] for name in ways}
+            for _ in range(10):  # the ways take turns
+                for name, way in ways.items():
+                    seq = 0 if way is None else 1
+                    began = time.perf_counter()
+                    if way is not None:
+                        way(context, held)
+                    decode_steps(context, [seq], {seq: held}, steps=1)
+                    times[name].append(time.perf_counter() - began)
+                    context.remove(seq, held)
+            base = statistics.median(times["none"])
+            report[str(held)] = {name: round(1000 * (statistics.median(t) - base), 2) for name, t in times.items() if name != "none"}
+    return {"cells_per_sequence": args.context, "copy_ms_by_held_tokens": report}
+
+
 async def main(args) -> None:
     rng = random.Random()
     report = {
@@ -222,14 +266,16 @@ async def main(args) -> None:
         "runs": [],
     }  # fmt: skip
     cpu = CpuMeter(os.getpid())
-    if args.batch_order:
-        if args.wait_quiet:
-            await wait_quiet(cpu, args.wait_quiet)
-        before = cpu.snapshot()
-        report["batch_order"] = await trio.to_thread.run_sync(batch_order, args)
-        report["batch_order"]["other_processes_cores"] = cpu.others_cores(before)
-        print(json.dumps(report, indent=2))
-        return
+    only = {"batch_order": batch_order, "prefix_copy": prefix_copy}
+    for name, figure in only.items():
+        if getattr(args, name):
+            if args.wait_quiet:
+                await wait_quiet(cpu, args.wait_quiet)
+            before = cpu.snapshot()
+            report[name] = await trio.to_thread.run_sync(figure, args)
+            report[name]["other_processes_cores"] = cpu.others_cores(before)
+            print(json.dumps(report, indent=2))
+            return
     for _ in range(args.repeats):
         for unified in (True, False):
             if args.wait_quiet:
@@ -256,6 +302,7 @@ def parse_args(argv=None):
     p.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS")
     p.add_argument("--held-only", action="store_true", help="only the decode rate with held context")
     p.add_argument("--batch-order", action="store_true", help="only the decode rate by batch order (a cache per sequence)")
+    p.add_argument("--prefix-copy", action="store_true", help="only the cost of copying a prefix between sequences")
     return p.parse_args(argv)
 
 
