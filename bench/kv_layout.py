@@ -163,14 +163,20 @@ def holding(args, unified: bool, held: int):
     context = instance.context
     try:
         for seq in range(args.parallel):
-            for start in range(0, held, 512):
-                context.clear_batch()
-                for offset in range(min(512, held - start)):
-                    context.add(1 + (offset + seq) % 500, start + offset, seq, False)
-                assert context.decode() == 0
+            fill(context, seq, held)
         yield context
     finally:
         instance.close()
+
+
+def fill(context, seq: int, held: int) -> None:
+    """Make sequence ``seq`` hold ``held`` tokens (evaluated 512 at a time)."""
+    context.remove(seq)
+    for start in range(0, held, 512):
+        context.clear_batch()
+        for offset in range(min(512, held - start)):
+            context.add(1 + (offset + seq) % 500, start + offset, seq, False)
+        assert context.decode() == 0
 
 
 def decode_steps(context, order: list[int], positions: list[int], steps: int = 24) -> float:
@@ -235,12 +241,7 @@ def prefix_copy(args) -> dict:
     report = {}
     with holding(args, False, 0) as context:
         for held in (75, 300, args.context // 4, args.context * 3 // 8, args.context // 2 + 100):
-            context.remove(0)
-            for start in range(0, held, 512):
-                context.clear_batch()
-                for offset in range(min(512, held - start)):
-                    context.add(1 + offset % 500, start + offset, 0, False)
-                assert context.decode() == 0
+            fill(context, 0, held)
             times: dict[str, list[float]] = {name: [] for name in ways}
             for _ in range(10):  # the ways take turns
                 for name, way in ways.items():
@@ -248,7 +249,7 @@ def prefix_copy(args) -> dict:
                     began = time.perf_counter()
                     if way is not None:
                         way(context, held)
-                    decode_steps(context, [seq], {seq: held}, steps=1)
+                    decode_steps(context, [seq], [held, held], steps=1)
                     times[name].append(time.perf_counter() - began)
                     context.remove(seq, held)
             base = statistics.median(times["none"])
